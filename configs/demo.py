@@ -1,0 +1,73 @@
+"""End-to-end demo on the embedded digits dataset (scikit-learn's real 8x8 digits as TFDS).
+
+Three stages, each in WORKDIR/<stage>, then a table in WORKDIR/results.{json,md}:
+1. `teacher`: MoCo-v2 pretraining of a ResNet-18 (CIFAR stem, width 0.5) teacher;
+2. `baseline`: the much smaller MobileNetV3-Large student (width 0.5) with MoCo-v2 alone;
+3. `seed`: the same student distilled with SEED from the frozen teacher of stage 1.
+All three frozen backbones are evaluated with weighted kNN and a linear probe on the held-out
+test split (360 images, never seen in training).
+
+    python -m disco_jax.main --config configs/demo.py --workdir runs/demo
+
+Runs in a few minutes on 2 CPU cores (see README for the measured time and table).
+Variants: `:smoke` (tiny, seconds; what the tests run); `epochs=N` scales every stage.
+"""
+
+import ml_collections as mlc
+
+from disco_jax import config_lib
+
+
+def _common(c: mlc.ConfigDict, epochs: int) -> mlc.ConfigDict:
+    c.data.name = "digits"
+    c.data.image_size = 16
+    c.data.crop_scale = (0.4, 1.0)
+    c.data.shuffle_buffer = 2048
+    c.batch_size = 128
+    c.queue_size = 1024
+    c.total_epochs = epochs
+    c.optimizer.base_lr = 0.06
+    c.optimizer.warmup_epochs = 0.0
+    c.log_every_steps = 20
+    c.checkpoint_every_steps = 100
+    c.eval.linear_epochs = 100
+    c.eval.knn_k = 20
+    return c
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg, smoke=False, epochs=30)
+    teacher_net = config_lib.encoder_config("resnet18", head_hidden=512, width=0.5, stem="cifar")
+    student_net = config_lib.encoder_config("mobilenet_v3_large", head_hidden=0, width=0.5)
+
+    teacher = _common(config_lib.base_config(), args.epochs)
+    teacher.method = "moco_v2"
+    teacher.student = teacher_net
+    teacher.loss.temp = 0.2
+    teacher.loss.momentum = 0.99
+
+    baseline = _common(config_lib.base_config(), args.epochs)
+    baseline.method = "moco_v2"
+    baseline.student = student_net
+    baseline.loss.temp = 0.2
+    baseline.loss.momentum = 0.99
+
+    seed = _common(config_lib.base_config(), args.epochs)
+    seed.method = "seed"
+    seed.student = student_net
+    seed.teacher = teacher_net
+    seed.teacher.init = "{workdir}/teacher/encoder"
+    seed.loss.student_temp = 0.2
+    seed.loss.teacher_temp = 1e-4
+
+    stages = {"teacher": teacher, "baseline": baseline, "seed": seed}
+    if args.smoke:
+        for name, s in stages.items():
+            s = config_lib.smoke(s)
+            s.teacher.init = "{workdir}/teacher/encoder" if name == "seed" else ""
+            stages[name] = s
+    c = mlc.ConfigDict()
+    c.dataset_name = "digits (scikit-learn load_digits, 1437 train / 360 test)"
+    c.stage_order = tuple(stages)
+    c.stages = stages
+    return c

@@ -1,0 +1,117 @@
+"""Orbax checkpoints of the train state, and exported encoders (teachers, students).
+
+- The train state (a plain dict: params, batch_stats, opt_state, queue, step, rng, ...) is saved
+  by an orbax `CheckpointManager` under `W/checkpoints`, every N steps and at the end, keeping
+  the last k. Restoring targets the abstract, sharded state, so every array goes straight onto
+  its devices with its declared sharding. A small JSON `meta` item rides along (the teacher's
+  path and fingerprint, the config hash), so a teacher is never re-saved in every checkpoint.
+- An *encoder* directory (`W/encoder`, or the output of a converter) holds one network's
+  `{"params", "batch_stats"}` plus `manifest.json` saying which architecture it is. Teachers are
+  loaded from such directories; the manifest is checked against the config before any compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from disco_jax.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+def manager(workdir: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force=False) -> bool:
+    return mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=force,
+    )
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return out["state"], dict(out["meta"])
+
+
+def fingerprint(tree: Any) -> str:
+    """sha256 over every leaf's path, shape, dtype and bytes: identifies a frozen network."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(tree)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
+    ):
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str((arr.shape, arr.dtype.str)).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def save_encoder(path: str, variables: dict, manifest: dict) -> None:
+    """Write `{"params", "batch_stats"}` and a manifest (architecture, head, source, ...)."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    ckptr = ocp.StandardCheckpointer()
+    target = os.path.join(path, "variables")
+    ckptr.save(target, variables, force=True)
+    ckptr.wait_until_finished()
+    manifest = {**manifest, "fingerprint": fingerprint(variables)}
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(path, MANIFEST))  # the manifest last: it marks completeness
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of an encoder directory; ConfigError if it is not one."""
+    if os.path.isdir(os.path.join(path, "encoder")) and not os.path.exists(
+        os.path.join(path, MANIFEST)
+    ):
+        path = os.path.join(path, "encoder")  # a disco_jax workdir: use its exported encoder
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise ConfigError(
+            f"teacher checkpoint {path!r} not found (expected an encoder directory with"
+            f" {MANIFEST}: a finished disco_jax workdir, its 'encoder' folder, or the output of"
+            " `python -m disco_jax.convert`)"
+        )
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"teacher manifest {mpath!r} is unreadable: {e}") from None
+    manifest["path"] = path
+    return manifest
+
+
+def load_encoder(path: str) -> tuple[dict, dict]:
+    """(variables, manifest) of an encoder directory, as host numpy arrays."""
+    manifest = read_manifest(path)
+    try:
+        variables = ocp.StandardCheckpointer().restore(
+            os.path.join(manifest["path"], "variables")
+        )
+    except Exception as e:  # orbax raises many types for truncated/corrupt data
+        raise ConfigError(f"cannot read teacher weights in {manifest['path']!r}: {e}") from None
+    variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+    return variables, manifest

@@ -1,0 +1,137 @@
+"""Shared config pieces: the base config every recipe starts from, and `:arg` parsing.
+
+A config file is `configs/NAME.py` with `get_config(arg: str | None = None)`. The argument after
+the colon picks a variant (`configs/seed_mbv3.py:smoke`); `--config.x=y` overrides any field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections as mlc
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
+    """`"smoke,res=32"` -> ConfigDict(smoke=True, res=32) with typed defaults (big_vision style)."""
+    out = mlc.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            out[key] = True
+            continue
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is not None:
+            out[key] = type(default)(value)
+        else:
+            out[key] = value
+    return out
+
+
+def encoder_config(model: str, *, head: str = "mlp", head_hidden: int = 0, **model_kwargs):
+    """A network: backbone name + kwargs, projection head. head_hidden=0: the input width."""
+    return mlc.ConfigDict(
+        {
+            "model": model,
+            "model_kwargs": dict(model_kwargs),
+            "head": head,
+            "head_hidden": head_hidden,
+            "embed_dim": 128,
+        }
+    )
+
+
+def base_config() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.method = "seed"
+    c.seed = 0
+
+    c.data = mlc.ConfigDict(
+        {
+            "name": "digits",
+            "data_dir": mlc.config_dict.placeholder(str),
+            "train_split": "train",
+            "eval_split": "test",
+            "image_size": 224,
+            "crop_scale": (0.2, 1.0),
+            "shuffle_buffer": 50_000,
+        }
+    )
+    # MoCo-v2 "aug-plus"; RandomResizedCrop and flip run on the host, the rest on the device.
+    c.augment = mlc.ConfigDict(
+        {
+            "jitter_p": 0.8,
+            "brightness": 0.4,
+            "contrast": 0.4,
+            "saturation": 0.4,
+            "hue": 0.1,
+            "gray_p": 0.2,
+            "blur_p": 0.5,
+            "blur_sigma": (0.1, 2.0),
+        }
+    )
+    c.student = encoder_config("mobilenet_v3_large")
+    c.teacher = encoder_config("resnet50", head_hidden=2048)
+    c.teacher.init = ""  # an encoder directory (finished workdir or converted checkpoint)
+    c.loss = mlc.ConfigDict()
+    c.queue_size = 65536
+    c.batch_size = 256  # global
+    c.total_epochs = 200
+    c.total_steps = -1  # > 0 overrides total_epochs
+    c.stop_at_step = -1  # > 0: leave the run early at this step (the schedule is unchanged)
+
+    c.optimizer = mlc.ConfigDict(
+        {
+            "name": "sgd",
+            "base_lr": 0.03,  # per 256 images
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "weight_decay_mask": "all",
+            "warmup_epochs": 0.0,
+            "decay": "cosine",
+            "granularity": "epoch",
+            "scale_with_batch": True,
+        }
+    )
+    c.mesh = mlc.ConfigDict({"num_devices": -1})
+    c.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU; losses are float32 regardless
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.eval_every_steps = -1  # periodic kNN; the full evaluation always runs at the end
+    c.eval = mlc.ConfigDict(
+        {
+            "enabled": True,
+            "batch_size": 256,
+            "knn_k": 20,
+            "knn_temp": 0.07,
+            "linear_epochs": 100,
+            "linear_lr": 0.1,
+            "linear_batch_size": 256,
+        }
+    )
+    return c
+
+
+def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Shrink any recipe into a seconds-long run on the embedded digits data (used by tests)."""
+    c.data.name = "digits"
+    c.data.image_size = 16
+    c.data.crop_scale = (0.5, 1.0)
+    c.batch_size = 16
+    c.queue_size = 64
+    c.total_epochs = -1
+    c.total_steps = 4
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.eval.linear_epochs = 5
+    for net in ("student", "teacher"):
+        kw = dict(c[net].model_kwargs)
+        kw["width"] = 0.25
+        if c[net].model.startswith("resnet"):
+            kw["stem"] = "cifar"
+        c[net].model_kwargs = kw
+        c[net].head_hidden = min(c[net].head_hidden, 64)
+    return c

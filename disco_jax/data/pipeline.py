@@ -1,0 +1,334 @@
+"""Host input pipeline: tf.data streams of uint8 batches, then global jax.Arrays.
+
+The host only decodes, random-resized-crops and flips, and emits uint8. Colour jitter, grayscale,
+blur and normalisation run on the accelerator (`augment.py`). perf.md §5 measured the full
+MoCo-v2 augmentation on the host at ~28 img/s/core in tf.data, far too slow to feed a GPU.
+
+The training stream is a pure function of (seed, step):
+* the epoch-e order is a shuffle seeded from (seed, e);
+* example p of epoch e is cropped and flipped with stateless ops keyed by (seed, e, p);
+* every epoch is exactly `steps_per_epoch * local_batch` examples, so step s lives in epoch
+  s // steps_per_epoch. Resuming at `start_step` starts the epoch range there and skips the
+  partial epoch's examples while they are still encoded bytes, before any decode or crop.
+So a restarted job sees exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from disco_jax.data.sources import DataSource
+from disco_jax.errors import ConfigError
+
+# Resize-256 / center-crop-224: the eval short side is image_size / 0.875.
+EVAL_CROP_FRACTION = 0.875
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RRC_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its fallback
+_ALG = "philox"  # fixed, so streams do not depend on which device TF picks ("auto_select")
+_SEED_TAG = 0x5EED  # second word of the root key, so seed s and the key [s, 0] never collide
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless keys: a key is an int64 tensor of shape [2], as the tf.random.stateless_* ops take.
+
+
+def _fold_in(key: tf.Tensor, data) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64), alg=_ALG)
+
+
+def _root_key(seed: int) -> tf.Tensor:
+    return tf.constant([seed % (1 << 63), _SEED_TAG], tf.int64)
+
+
+def _uniform(key: tf.Tensor, shape, minval=0.0, maxval=1.0) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, key, minval, maxval, tf.float32, alg=_ALG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+    """HxWxC (C in 1, 3, 4 or unknown) -> HxWx3."""
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels == 1:
+        return tf.tile(image, [1, 1, 3])
+    if channels == 4:
+        return image[..., :3]
+    image = tf.cond(
+        tf.shape(image)[-1] == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3]
+    )
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _resize(image: tf.Tensor, size) -> tf.Tensor:
+    return tf.image.resize(image, size, method="bilinear", antialias=True)
+
+
+def _crop_box(
+    key: tf.Tensor, height: tf.Tensor, width: tf.Tensor, scale: tuple[float, float]
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """torchvision RandomResizedCrop.get_params, vectorised over its 10 attempts.
+
+    Returns (top, left, crop_height, crop_width) as int32 scalars.
+    """
+    h = tf.cast(height, tf.float32)
+    w = tf.cast(width, tf.float32)
+    k_area, k_ratio, k_pos = tf.unstack(tf.random.experimental.stateless_split(key, 3, alg=_ALG))
+    area = h * w * _uniform(k_area, [RRC_ATTEMPTS], scale[0], scale[1])
+    log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    aspect = tf.exp(_uniform(k_ratio, [RRC_ATTEMPTS], log_lo, log_hi))
+    cw = tf.round(tf.sqrt(area * aspect))
+    ch = tf.round(tf.sqrt(area / aspect))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32)  # first valid attempt
+
+    # Fallback: the largest centred box whose aspect ratio is clamped into RRC_RATIO.
+    in_ratio = w / h
+    fw = tf.where(in_ratio > RRC_RATIO[1], tf.round(h * RRC_RATIO[1]), w)
+    fh = tf.where(in_ratio < RRC_RATIO[0], tf.round(w / RRC_RATIO[0]), h)
+
+    found = tf.reduce_any(ok)
+    ch = tf.where(found, ch[first], fh)
+    cw = tf.where(found, cw[first], fw)
+    # torch.randint(0, H - h + 1): uniform integer offsets; the fallback is centred.
+    u = _uniform(k_pos, [2])
+    top = tf.where(found, tf.floor(u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    left = tf.where(found, tf.floor(u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    top = tf.minimum(top, h - ch)  # guards u == 1 - eps rounding up
+    left = tf.minimum(left, w - cw)
+    return tuple(tf.cast(v, tf.int32) for v in (top, left, ch, cw))
+
+
+def _random_view(
+    image: tf.Tensor, key: tf.Tensor, image_size: int, scale: tuple[float, float]
+) -> tf.Tensor:
+    """Random-resized crop + horizontal flip of a decoded HxWxC image -> uint8 SxSx3."""
+    k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
+    shape = tf.shape(image)
+    top, left, ch, cw = _crop_box(k_crop, shape[0], shape[1], scale)
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
+    view = _resize(crop, [image_size, image_size])
+    view = tf.cond(_uniform(k_flip, []) < 0.5, lambda: tf.reverse(view, [1]), lambda: view)
+    return _to_rgb(_to_uint8(view))
+
+
+def _eval_view(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resize short side to image_size/0.875 then centre-crop; small images are just resized."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short_target = round(image_size / EVAL_CROP_FRACTION)
+
+    def resize_and_crop() -> tf.Tensor:
+        # torchvision Resize(int): short side -> target, long side truncated proportionally.
+        short = tf.minimum(h, w)
+        new_h = tf.where(h <= w, short_target, (short_target * h) // short)
+        new_w = tf.where(h <= w, (short_target * w) // short, short_target)
+        resized = _resize(image, tf.stack([new_h, new_w]))
+        top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2), tf.int32)
+        left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2), tf.int32)
+        return tf.slice(resized, tf.stack([top, left, 0]), [image_size, image_size, -1])
+
+    def resize_only() -> tf.Tensor:
+        # CIFAR / digits: the whole image is the object; do not crop away its border.
+        return _resize(image, [image_size, image_size])
+
+    out = tf.cond(tf.maximum(h, w) <= image_size, resize_only, resize_and_crop)
+    out = tf.ensure_shape(out, [image_size, image_size, image.shape[-1]])
+    return _to_rgb(_to_uint8(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def steps_per_epoch(
+    source: DataSource, *, split: str, local_batch: int, process_count: int = 1
+) -> int:
+    """Training steps in one epoch: every process drops the same remainder."""
+    _check_positive(local_batch=local_batch, process_count=process_count)
+    return source.shard_size(split, 0, process_count, drop_remainder=True) // local_batch
+
+
+def train_dataset(
+    source: DataSource,
+    *,
+    split: str,
+    views: int,
+    image_size: int,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    local_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_buffer: int = 50_000,
+) -> tf.data.Dataset:
+    """Infinite stream of this process's training batches, a pure function of (seed, step).
+
+    Yields `{"image", "label"}` (views=1) or `{"view1", "view2", "label"}` (views=2; one decode,
+    two independent crops). Images are uint8 (local_batch, S, S, 3); labels int64.
+    """
+    if views not in (1, 2):
+        raise ConfigError(f"views must be 1 or 2, got {views!r}")
+    _check_positive(image_size=image_size, local_batch=local_batch, shuffle_buffer=shuffle_buffer)
+    lo, hi = (float(v) for v in crop_scale)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
+    if start_step < 0:
+        raise ConfigError(f"start_step must be >= 0, got {start_step}")
+
+    shard = source.shard_size(split, process_index, process_count, drop_remainder=True)
+    steps = shard // local_batch
+    if steps == 0:
+        raise ConfigError(
+            f"split {split!r} of {source.name} gives each of {process_count} process(es) "
+            f"{shard} examples, fewer than local_batch={local_batch}; use a smaller batch"
+        )
+    per_epoch = steps * local_batch
+    start_epoch, start_batch = divmod(start_step, steps)
+    skip = start_batch * local_batch
+
+    # Encoded bytes: shuffling, dropping and skipping them costs no decode.
+    base = source.dataset(split, process_index, process_count, drop_remainder=True, decode=False)
+    buffer = min(shard, shuffle_buffer)  # small data: a full shuffle of the shard
+    root = _root_key(seed)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        epoch_key = _fold_in(root, e)
+        # Key -1 is the shuffle's; example positions fold in 0, 1, 2, ...
+        shuffle_seed = _fold_in(epoch_key, -1)[0]
+        ds = base.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.take(per_epoch).enumerate()
+        ds = ds.skip(tf.where(e == start_epoch, tf.constant(skip, tf.int64), 0))
+        return ds.map(lambda pos, ex: (_fold_in(epoch_key, pos), ex))
+
+    def decode_and_crop(key: tf.Tensor, ex: dict) -> dict:
+        image = source.decode(ex["image"])
+        out = {"label": ex["label"]}
+        if views == 1:
+            out["image"] = _random_view(image, key, image_size, (lo, hi))
+        else:
+            for v in (1, 2):
+                out[f"view{v}"] = _random_view(image, _fold_in(key, v), image_size, (lo, hi))
+        return out
+
+    # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.
+    ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(epoch)
+    ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_batches(
+    source: DataSource, *, split: str, local_batch: int, process_count: int = 1
+) -> int:
+    """Batches every process yields from `eval_dataset` (the same number on all of them)."""
+    _check_positive(local_batch=local_batch, process_count=process_count)
+    largest_shard = -(-source.num_examples(split) // process_count)
+    return -(-largest_shard // local_batch)
+
+
+def eval_dataset(
+    source: DataSource,
+    *,
+    split: str,
+    image_size: int,
+    local_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Every example of `split` exactly once over all processes, as full padded batches.
+
+    Yields `{"image": uint8 (b,S,S,3), "label": int32, "mask": bool}`. Padding examples have
+    mask False. Every process yields `eval_batches(...)` batches, so a collective-using eval
+    step never waits on a process that has run out (big_vision's pad-and-mask).
+    """
+    _check_positive(image_size=image_size)
+    num_batches = eval_batches(
+        source, split=split, local_batch=local_batch, process_count=process_count
+    )
+    shard = source.shard_size(split, process_index, process_count, drop_remainder=False)
+    pad = num_batches * local_batch - shard
+
+    def prepare(ex: dict) -> dict:
+        return {
+            "image": _eval_view(source.decode(ex["image"]), image_size),
+            "label": tf.cast(ex["label"], tf.int32),
+            "mask": tf.constant(True),
+        }
+
+    ds = source.dataset(split, process_index, process_count, drop_remainder=False, decode=False)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, 3], tf.uint8),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(False),
+        }
+    ).repeat(pad)
+    # The total is a multiple of local_batch, so drop_remainder drops nothing; it only makes
+    # the batch dimension static.
+    ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+# ---------------------------------------------------------------------------------------------
+# Host -> device
+
+
+def to_global(
+    batch: dict[str, np.ndarray], mesh: Mesh, axis: str = "data"
+) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global jax.Arrays sharded along the batch dim on `axis`."""
+    sharding = NamedSharding(mesh, P(axis))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
+
+
+def global_iterator(
+    ds: tf.data.Dataset, mesh: Mesh, prefetch: int = 2, axis: str = "data"
+) -> Iterator[dict[str, jax.Array]]:
+    """Iterates `ds` as global batches, keeping `prefetch` host->device copies in flight."""
+    it = ds.as_numpy_iterator()
+    queue: collections.deque = collections.deque()
+
+    def enqueue(n: int) -> None:
+        for _ in range(n):
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            queue.append(to_global(batch, mesh, axis))
+
+    enqueue(max(prefetch, 1))
+    while queue:
+        yield queue.popleft()
+        enqueue(1)

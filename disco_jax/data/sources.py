@@ -1,0 +1,308 @@
+"""Where examples come from: TFDS datasets (the embedded `digits` included) and image folders.
+
+`get_source(cfg)` turns a data config into a `DataSource`. A source knows its splits, their sizes
+and its number of classes. It can read one process's shard of a split as a tf.data stream of
+`{"image", "label"}` dicts, always in the same order. Shuffling and augmentation happen in
+`pipeline.py`, never here.
+
+Every name except `folder:` goes through `tfds.builder(name, data_dir=...)`. That includes the
+embedded `digits`, which `ensure_digits` first writes as a real TFDS dataset. So the test suite
+exercises the same reader that ImageNet uses. Nothing here downloads: an unprepared dataset is a
+`ConfigError` that says how to prepare it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from disco_jax.errors import ConfigError, unknown_name
+
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# (split, start, end, decode) -> dataset of {"image", "label"}, examples [start, end) of the split.
+_ReadFn = Callable[[str, int, int, bool], tf.data.Dataset]
+
+
+def shard_bounds(
+    num_examples: int, process_index: int, process_count: int, drop_remainder: bool
+) -> tuple[int, int]:
+    """The [start, end) example range of one process's contiguous shard of a split.
+
+    With `drop_remainder` every process gets exactly `num_examples // process_count` examples
+    (training: equal step counts everywhere). Without it the shards cover every example exactly
+    once and differ in size by at most one (evaluation, which pads to equal batch counts).
+    """
+    if not 0 <= process_index < process_count:
+        raise ConfigError(
+            f"process_index {process_index} is outside [0, {process_count}); "
+            "pass jax.process_index() and jax.process_count()"
+        )
+    if drop_remainder:
+        size = num_examples // process_count
+        return process_index * size, (process_index + 1) * size
+    return (
+        process_index * num_examples // process_count,
+        (process_index + 1) * num_examples // process_count,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """A labelled image dataset with named splits, read shard by shard in a fixed order."""
+
+    name: str
+    num_classes: int
+    splits: Mapping[str, int]  # split name -> number of examples
+    _read: _ReadFn = dataclasses.field(repr=False)
+    _decode: Callable[[tf.Tensor], tf.Tensor] = dataclasses.field(repr=False)
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise unknown_name("split", split, self.splits)
+
+    def num_examples(self, split: str) -> int:
+        self.check_split(split)
+        return self.splits[split]
+
+    def shard_size(
+        self, split: str, process_index: int = 0, process_count: int = 1, drop_remainder=True
+    ) -> int:
+        start, end = shard_bounds(
+            self.num_examples(split), process_index, process_count, drop_remainder
+        )
+        return end - start
+
+    def decode(self, image: tf.Tensor) -> tf.Tensor:
+        """Encoded image bytes (from `dataset(..., decode=False)`) -> uint8 HxWxC tensor."""
+        return self._decode(image)
+
+    def dataset(
+        self,
+        split: str,
+        process_index: int = 0,
+        process_count: int = 1,
+        *,
+        drop_remainder: bool = True,
+        decode: bool = True,
+    ) -> tf.data.Dataset:
+        """This process's shard of `split` as `{"image": uint8 HxWxC, "label": int64}` dicts.
+
+        The order is fixed (no file shuffling, deterministic interleave). `decode=False` yields
+        the encoded bytes instead, so a pipeline can shuffle and skip before paying for decoding;
+        call `decode` on them later. See `shard_bounds` for `drop_remainder`.
+        """
+        start, end = shard_bounds(
+            self.num_examples(split), process_index, process_count, drop_remainder
+        )
+        ds = self._read(split, start, end, decode)
+        if decode:
+            ds = ds.map(
+                lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]},
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+        return ds
+
+
+def _deterministic_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    # Works for dicts and ml_collections.ConfigDict alike.
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _unknown_tfds_name(name: str) -> ConfigError:
+    import tensorflow_datasets as tfds
+
+    close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=4, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    return ConfigError(
+        f"unknown dataset {name!r}: not a TFDS dataset, not 'digits' and not "
+        f"'folder:/path'{hint}"
+    )
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    if name.split("/")[0] == "imagenet2012":
+        return (
+            f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in "
+            f"{os.path.join(data_dir, 'downloads', 'manual')}/ and run "
+            f"`tfds build imagenet2012 --data_dir {data_dir}`"
+        )
+    return (
+        f"on a machine with network access run `tfds build {name} --data_dir {data_dir}` and "
+        "copy that directory here, or point data.data_dir at an existing copy"
+    )
+
+
+def _tfds_source(name: str, data_dir: str | None) -> DataSource:
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise _unknown_tfds_name(name) from None
+    if not builder.is_prepared():
+        root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+        raise ConfigError(
+            f"TFDS dataset {name!r} is not prepared in {root} (no {builder.data_dir}) and "
+            f"disco_jax never downloads: {_prepare_hint(name, root)}"
+        )
+    info = builder.info
+    image_key, label_key = info.supervised_keys or ("image", "label")
+    features = info.features
+    if not isinstance(image_key, str) or image_key not in features or label_key not in features:
+        raise ConfigError(
+            f"TFDS dataset {name!r} has no (image, label) features (it has "
+            f"{', '.join(features.keys())}); use an image classification dataset"
+        )
+    image_feature = features[image_key]
+    if not isinstance(image_feature, tfds.features.Image):
+        raise ConfigError(f"TFDS dataset {name!r}: feature {image_key!r} is not an image")
+    splits = {split: info.splits[split].num_examples for split in info.splits.keys()}
+    read_config = tfds.ReadConfig(options=_deterministic_options(), add_tfds_id=False)
+
+    def read(split: str, start: int, end: int, decode: bool) -> tf.data.Dataset:
+        # Absolute slicing keeps every shard's size explicit and identical across sources.
+        ds = builder.as_dataset(
+            split=f"{split}[{start}:{max(end, start + 1)}]",
+            shuffle_files=False,
+            read_config=read_config,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+        if end <= start:  # TFDS rejects empty slices; keep the element spec, yield nothing.
+            ds = ds.take(0)
+        return ds.map(
+            lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)}
+        )
+
+    def decode(image: tf.Tensor) -> tf.Tensor:
+        return image_feature.decode_example(image)
+
+    return DataSource(
+        name=name,
+        num_classes=int(features[label_key].num_classes),
+        splits=splits,
+        _read=read,
+        _decode=decode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _list_split(split_dir: str) -> dict[str, list[str]]:
+    """class name -> sorted image paths, for every class sub-folder of `split_dir`."""
+    classes: dict[str, list[str]] = {}
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.is_dir():
+            classes[entry.name] = sorted(
+                os.path.join(entry.path, f)
+                for f in os.listdir(entry.path)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+    return classes
+
+
+def _folder_source(spec: str) -> DataSource:
+    root = os.path.abspath(os.path.expanduser(spec[len(FOLDER_PREFIX) :]))
+    layout = "<root>/{train,test}/<class>/*.png|jpg"
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise ConfigError(f"image folder {root} has no train/ sub-folder; expected {layout}")
+    listing = {
+        entry.name: _list_split(entry.path)
+        for entry in sorted(os.scandir(root), key=lambda e: e.name)
+        if entry.is_dir() and not entry.name.startswith(".")
+    }
+    class_names = sorted(listing["train"])
+    if not any(listing["train"].values()):
+        raise ConfigError(f"image folder {root}/train has no PNG/JPEG images; expected {layout}")
+    class_ids = {c: i for i, c in enumerate(class_names)}
+
+    files: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, classes in listing.items():
+        extra = sorted(set(classes) - set(class_ids))
+        if extra and any(classes[c] for c in extra):
+            raise ConfigError(
+                f"image folder {root}/{split} has classes not in train/: {', '.join(extra)}"
+            )
+        paths = [p for c in sorted(classes) if c in class_ids for p in classes[c]]
+        labels = [class_ids[c] for c in sorted(classes) if c in class_ids for _ in classes[c]]
+        if not paths:
+            continue
+        # Listing order is class-sorted; a fixed permutation mixes classes so that every
+        # process's contiguous shard sees all of them. Seed 0: the order never changes.
+        perm = np.random.default_rng(0).permutation(len(paths))
+        files[split] = (np.asarray(paths)[perm], np.asarray(labels, np.int64)[perm])
+
+    def read(split: str, start: int, end: int, decode: bool) -> tf.data.Dataset:
+        paths, labels = files[split]
+        ds = tf.data.Dataset.from_tensor_slices(
+            {"image": paths[start:end], "label": labels[start:end]}
+        ).with_options(_deterministic_options())
+        return ds.map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]})
+
+    def decode(image: tf.Tensor) -> tf.Tensor:
+        # A folder may mix grayscale, RGB and RGBA files; one channel count keeps shapes static.
+        return tf.io.decode_image(image, channels=3, expand_animations=False)
+
+    return DataSource(
+        name=f"{FOLDER_PREFIX}{root}",
+        num_classes=len(class_names),
+        splits={split: len(p) for split, (p, _) in files.items()},
+        _read=read,
+        _decode=decode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def get_source(cfg: Any) -> DataSource:
+    """The data source a config names: `digits`, any prepared TFDS dataset, or `folder:/path`.
+
+    `cfg` is a mapping or ConfigDict with `name`, `data_dir` (None: the TFDS default), and
+    optionally `train_split` / `eval_split`, which are checked here so a typo fails early.
+    """
+    name = _cfg_get(cfg, "name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("data.name must be 'digits', a TFDS dataset name or 'folder:/path'")
+    data_dir = _cfg_get(cfg, "data_dir")
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
+
+    if name.startswith(FOLDER_PREFIX):
+        source = _folder_source(name)
+    else:
+        if name == "digits":
+            from disco_jax.data.digits import ensure_digits
+
+            data_dir = ensure_digits(data_dir)
+        source = _tfds_source(name, data_dir)
+
+    for key in ("train_split", "eval_split"):
+        split = _cfg_get(cfg, key)
+        if split is not None:
+            source.check_split(split)
+    return source

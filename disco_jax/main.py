@@ -1,0 +1,75 @@
+"""Command line: `python -m disco_jax.main --config configs/NAME.py[:variant] --workdir DIR`.
+
+`--config.x=y` overrides any field. A config with `stages` (configs/demo.py) runs several
+trainings in order, each in `DIR/<stage>`, and writes a results table to `DIR/results.{json,md}`.
+Bad input ends with one `error:` line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+
+
+class _QuietLibraries(logging.Filter):
+    """Keep orbax/clu/tensorflow INFO chatter off the console; our own lines stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(s in record.pathname for s in ("orbax", "clu/", "tensorflow", "etils"))
+        return record.levelno >= logging.WARNING or not noisy or "work unit notes" in record.msg
+
+
+def run_stages(config, workdir: str) -> dict:
+    """Run each stage of a multi-stage config and write the results table."""
+    from disco_jax import report, train
+
+    results, t0 = {}, time.time()
+    for name in config.stage_order:
+        stage = config.stages[name]
+        if stage.teacher.init:
+            stage.teacher.init = stage.teacher.init.format(workdir=os.path.abspath(workdir))
+        logging.getLogger("disco_jax").info("=== stage %s (%s)", name, stage.method)
+        t = time.time()
+        results[name] = {**train.run(stage, os.path.join(workdir, name)),
+                         "stage_seconds": round(time.time() - t, 1)}
+    summary = {"stages": results, "wall_seconds": round(time.time() - t0, 1)}
+    report.write(workdir, summary, config)
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from disco_jax.errors import ConfigError
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None or not workdir:
+        sys.exit("error: both --config and --workdir are required")
+    try:
+        from disco_jax import train
+
+        if "stages" in config:
+            summary = run_stages(config, workdir)
+            print(open(os.path.join(workdir, "results.md")).read())
+            print(json.dumps({"wall_seconds": summary["wall_seconds"]}))
+        else:
+            train.run(config, workdir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

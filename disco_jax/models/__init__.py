@@ -1,0 +1,99 @@
+"""Model zoo: backbones and projection heads by name.
+
+``create(name, num_classes, **kwargs)`` builds a Flax Linen backbone called as
+``model.apply({"params": p, "batch_stats": bs}, x, train=False, features=False)`` on NHWC
+float images; it returns logits (N, num_classes), or the pooled pre-logit features (N, d) when
+``features=True`` or ``num_classes=0``. Options: ``width`` (channel multiplier), ``dtype``
+(compute dtype; params stay float32), ResNet ``stem`` ('imagenet' or 'cifar'), MobileNetV3
+``dropout``. Module names mirror torchvision's (see `resnet` and `mobilenetv3` docstrings).
+
+``create_head(name, out_dim, hidden_dim, dtype)`` builds a projection head, and
+``Encoder(backbone, head)`` combines the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from disco_jax.errors import ConfigError, unknown_name
+from disco_jax.models import mobilenetv3, resnet
+from disco_jax.models.heads import Encoder, IdentityHead, LinearHead, MLPHead
+
+__all__ = ["Encoder", "create", "create_head", "list_heads", "list_models"]
+
+_MODELS: dict[str, partial[nn.Module]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "mobilenet_v3_large": mobilenetv3.mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenetv3.mobilenet_v3_small,
+}
+
+
+def _head_mlp(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return MLPHead(out_dim, hidden_dim, dtype)
+
+
+def _head_linear(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return LinearHead(out_dim, dtype)
+
+
+def _head_identity(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return IdentityHead()
+
+
+_HEADS: dict[str, Callable[[int, int | None, Any], nn.Module]] = {
+    "mlp": _head_mlp,
+    "linear": _head_linear,
+    "identity": _head_identity,
+}
+
+
+def list_models() -> list[str]:
+    return list(_MODELS)
+
+
+def list_heads() -> list[str]:
+    return list(_HEADS)
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options `create` accepts for a model, besides ``num_classes``."""
+    ctor = _MODELS[name]
+    fixed = {*ctor.keywords, "parent", "name", "num_classes"}
+    return [f.name for f in dataclasses.fields(ctor.func) if f.init and f.name not in fixed]
+
+
+def create(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """Build a backbone by registry name; see the module docstring for the call convention."""
+    if name not in _MODELS:
+        raise unknown_name("model", name, list_models())
+    # Checked here so a config typo is a one-line ConfigError, not a dataclass TypeError.
+    bad = sorted(set(kwargs) - set(model_options(name)))
+    if bad:
+        raise ConfigError(
+            f"model {name!r} does not accept {', '.join(bad)}; "
+            f"valid options: num_classes, {', '.join(model_options(name))}"
+        )
+    if kwargs.get("width", 1.0) <= 0:
+        raise ConfigError(f"model width must be positive, got {kwargs['width']}")
+    if num_classes < 0:
+        raise ConfigError(f"num_classes must be >= 0, got {num_classes}")
+    return _MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def create_head(
+    name: str, out_dim: int = 128, hidden_dim: int | None = None, dtype: Any = jnp.float32
+) -> nn.Module:
+    """Build a projection head by registry name: 'mlp', 'linear' or 'identity'."""
+    if name not in _HEADS:
+        raise unknown_name("head", name, list_heads())
+    return _HEADS[name](out_dim, hidden_dim, dtype)

@@ -1,0 +1,206 @@
+"""MobileNetV3-Large/Small in Flax Linen, laid out like torchvision's MobileNetV3.
+
+Naming rule (for a torchvision state_dict converter): joining the module components of a Flax
+variable path with '_' gives the torchvision module path with '.' replaced by '_'. Each
+inverted-residual block is a submodule named ``features_{i}``; inside it the names continue the
+torch path, so ``params['features_4']['block_2_fc1']['kernel']`` is torch
+``features.4.block.2.fc1.weight``, ``params['features_0_0']`` is the stem conv
+``features.0.0`` and ``params['classifier_3']`` is ``classifier.3``. Leaf names map as in
+`disco_jax.models.resnet`; depthwise kernels are (kh, kw, 1, C) vs torch's (C, 1, kh, kw).
+
+The pre-logit feature (``features=True`` or ``num_classes=0``) is the output of
+``classifier_0`` + Hardswish (1280-d Large, 1024-d Small), taken before the dropout, as in SEED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from disco_jax.models.resnet import CONV_INIT
+
+Dtype = Any
+Activation = Callable[[jnp.ndarray], jnp.ndarray]
+
+# torch momentum 0.01 -> Flax 0.99 (Flax weights the old running statistic).
+BN_MOMENTUM = 0.99
+BN_EPS = 1e-3
+# torchvision initialises the classifier's Linear layers with N(0, 0.01) and zero bias.
+LINEAR_INIT = nn.initializers.normal(0.01)
+
+
+class BlockConfig(NamedTuple):
+    """One inverted-residual block, in torchvision's ``InvertedResidualConfig`` order."""
+
+    in_ch: int
+    kernel: int
+    expanded: int
+    out_ch: int
+    use_se: bool
+    use_hs: bool  # Hardswish if True, else ReLU
+    stride: int
+
+
+_LARGE = (
+    BlockConfig(16, 3, 16, 16, False, False, 1),
+    BlockConfig(16, 3, 64, 24, False, False, 2),
+    BlockConfig(24, 3, 72, 24, False, False, 1),
+    BlockConfig(24, 5, 72, 40, True, False, 2),
+    BlockConfig(40, 5, 120, 40, True, False, 1),
+    BlockConfig(40, 5, 120, 40, True, False, 1),
+    BlockConfig(40, 3, 240, 80, False, True, 2),
+    BlockConfig(80, 3, 200, 80, False, True, 1),
+    BlockConfig(80, 3, 184, 80, False, True, 1),
+    BlockConfig(80, 3, 184, 80, False, True, 1),
+    BlockConfig(80, 3, 480, 112, True, True, 1),
+    BlockConfig(112, 3, 672, 112, True, True, 1),
+    BlockConfig(112, 5, 672, 160, True, True, 2),
+    BlockConfig(160, 5, 960, 160, True, True, 1),
+    BlockConfig(160, 5, 960, 160, True, True, 1),
+)
+_SMALL = (
+    BlockConfig(16, 3, 16, 16, True, False, 2),
+    BlockConfig(16, 3, 72, 24, False, False, 2),
+    BlockConfig(24, 3, 88, 24, False, False, 1),
+    BlockConfig(24, 5, 96, 40, True, True, 2),
+    BlockConfig(40, 5, 240, 40, True, True, 1),
+    BlockConfig(40, 5, 240, 40, True, True, 1),
+    BlockConfig(40, 5, 120, 48, True, True, 1),
+    BlockConfig(48, 5, 144, 48, True, True, 1),
+    BlockConfig(48, 5, 288, 96, True, True, 2),
+    BlockConfig(96, 5, 576, 96, True, True, 1),
+    BlockConfig(96, 5, 576, 96, True, True, 1),
+)
+ARCHS: dict[str, tuple[tuple[BlockConfig, ...], int]] = {
+    "large": (_LARGE, 1280),
+    "small": (_SMALL, 1024),
+}
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: round to a multiple of divisor, losing at most 10%."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def _conv_bn_act(
+    x: jnp.ndarray,
+    features: int,
+    kernel: int,
+    stride: int,
+    act: Activation | None,
+    prefix: str,
+    train: bool,
+    dtype: Dtype,
+    groups: int = 1,
+) -> jnp.ndarray:
+    """torchvision's ``Conv2dNormActivation``: ``{prefix}_0`` conv, ``{prefix}_1`` BN, act.
+
+    Called from inside a compact method, so the layers become children of that module.
+    """
+    x = nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=(kernel - 1) // 2,
+        feature_group_count=groups,
+        use_bias=False,
+        kernel_init=CONV_INIT,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=f"{prefix}_0",
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=f"{prefix}_1",
+    )(x)
+    return x if act is None else act(x)
+
+
+def _squeeze_excite(x: jnp.ndarray, prefix: str, dtype: Dtype) -> jnp.ndarray:
+    """The SE gate: pool -> 1x1 conv ``fc1`` -> ReLU -> 1x1 conv ``fc2`` -> Hardsigmoid."""
+    channels = x.shape[-1]
+    conv = lambda n, name: nn.Conv(
+        n, (1, 1), kernel_init=CONV_INIT, dtype=dtype, param_dtype=jnp.float32, name=name
+    )
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.relu(conv(make_divisible(channels // 4), f"{prefix}_fc1")(s))
+    return nn.hard_sigmoid(conv(channels, f"{prefix}_fc2")(s))
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise kxk -> optional squeeze-excite -> project 1x1."""
+
+    cfg: BlockConfig  # channel counts already scaled by the width multiplier
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        cfg = self.cfg
+        act = nn.hard_swish if cfg.use_hs else nn.relu
+        y = x
+        # torch numbers the block's children consecutively, so the index depends on which
+        # optional layers exist.
+        j = 0
+        if cfg.expanded != cfg.in_ch:
+            y = _conv_bn_act(y, cfg.expanded, 1, 1, act, f"block_{j}", train, self.dtype)
+            j += 1
+        y = _conv_bn_act(
+            y, cfg.expanded, cfg.kernel, cfg.stride, act, f"block_{j}", train, self.dtype,
+            groups=cfg.expanded,
+        )
+        j += 1
+        if cfg.use_se:
+            y = y * _squeeze_excite(y, f"block_{j}", self.dtype)
+            j += 1
+        y = _conv_bn_act(y, cfg.out_ch, 1, 1, None, f"block_{j}", train, self.dtype)
+        if cfg.stride == 1 and cfg.in_ch == cfg.out_ch:
+            y = y + x
+        return y
+
+
+class MobileNetV3(nn.Module):
+    """A torchvision-compatible MobileNetV3; ``num_classes=0`` drops the last Linear."""
+
+    arch: str  # a key of ARCHS
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout: float = 0.2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+        blocks, last_channel = ARCHS[self.arch]
+        ch = lambda c: make_divisible(c * self.width)
+        x = _conv_bn_act(x, ch(blocks[0].in_ch), 3, 2, nn.hard_swish, "features_0", train,
+                         self.dtype)
+        for i, b in enumerate(blocks, start=1):
+            cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+            x = InvertedResidual(cfg, self.dtype, name=f"features_{i}")(x, train)
+        # torchvision uses 6x the last block's channels here without re-rounding.
+        x = _conv_bn_act(x, 6 * ch(blocks[-1].out_ch), 1, 1, nn.hard_swish,
+                         f"features_{len(blocks) + 1}", train, self.dtype)
+        x = jnp.mean(x, axis=(1, 2))
+
+        dense = lambda n, name: nn.Dense(
+            n, kernel_init=LINEAR_INIT, dtype=self.dtype, param_dtype=jnp.float32, name=name
+        )
+        x = nn.hard_swish(dense(ch(last_channel), "classifier_0")(x))
+        if features or self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_2")(x)
+        return dense(self.num_classes, "classifier_3")(x)
+
+
+mobilenet_v3_large = partial(MobileNetV3, arch="large")
+mobilenet_v3_small = partial(MobileNetV3, arch="small")

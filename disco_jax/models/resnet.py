@@ -1,0 +1,162 @@
+"""ResNet-18/34/50/101/152 in Flax Linen, laid out like torchvision's ResNet (v1.5).
+
+Naming rule (for a torchvision state_dict converter): joining the module components of a Flax
+variable path with '_' gives the torchvision module path with '.' replaced by '_'. For example
+``params['layer1_0']['downsample_0']['kernel']`` is torch ``layer1.0.downsample.0.weight`` and
+``batch_stats['bn1']['mean']`` is torch ``bn1.running_mean``. Leaf names map as: conv/linear
+``kernel`` -> ``weight`` (conv (kh, kw, in, out) vs torch (out, in, kh, kw); linear transposed),
+``bias`` -> ``bias``; BatchNorm ``scale`` -> ``weight``, ``bias`` -> ``bias``, ``mean`` ->
+``running_mean``, ``var`` -> ``running_var`` (torch's ``num_batches_tracked`` has no counterpart).
+
+Differences from torchvision that are on purpose: ``width`` scales the channel counts (tiny test
+models), ``stem='cifar'`` replaces the 7x7/2 conv + max-pool by one 3x3/1 conv for small images,
+and linear biases start at zero rather than torch's uniform draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from disco_jax.errors import unknown_name
+
+Dtype = Any
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)).
+LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# torch momentum 0.1 weights the new batch statistic; Flax momentum weights the old running one.
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+
+STEMS = ("imagenet", "cifar")
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
+    # Explicit symmetric padding as torch does; 'SAME' would pad (2, 3) for the 7x7/2 stem.
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=(kernel - 1) // 2,
+        use_bias=False,
+        kernel_init=CONV_INIT,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+    # No axis_name: under jit with a batch-sharded input the batch mean is already global.
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _shortcut(x: jnp.ndarray, out: int, stride: int, train: bool, dtype: Dtype) -> jnp.ndarray:
+    """torchvision's ``downsample`` branch: a 1x1 conv + BN when the shape changes."""
+    if stride == 1 and x.shape[-1] == out:
+        return x
+    x = _conv(out, 1, stride, dtype, "downsample_0")(x)
+    return _bn(train, dtype, "downsample_1")(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (ResNet-18/34)."""
+
+    planes: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        y = _conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
+        y = _bn(train, self.dtype, "bn2")(y)
+        return nn.relu(y + _shortcut(x, self.planes, self.stride, train, self.dtype))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 with 4x expansion (ResNet-50/101/152)."""
+
+    planes: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    expansion: ClassVar[int] = 4
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        out = self.planes * self.expansion
+        y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+        y = nn.relu(_bn(train, self.dtype, "bn1")(y))
+        y = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)
+        y = nn.relu(_bn(train, self.dtype, "bn2")(y))
+        y = _conv(out, 1, 1, self.dtype, "conv3")(y)
+        y = _bn(train, self.dtype, "bn3")(y)
+        return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+
+
+class ResNet(nn.Module):
+    """A torchvision-compatible ResNet; ``num_classes=0`` drops the classifier entirely."""
+
+    block: type[BasicBlock] | type[Bottleneck]
+    stage_sizes: Sequence[int]
+    num_classes: int = 1000
+    width: float = 1.0
+    stem: str = "imagenet"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+        if self.stem not in STEMS:
+            raise unknown_name("stem", self.stem, STEMS)
+        base = max(1, round(64 * self.width))
+        if self.stem == "imagenet":
+            x = _conv(base, 7, 2, self.dtype, "conv1")(x)
+            x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+            # torch pads the max-pool with -inf, which is what Flax's max_pool does too.
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = _conv(base, 3, 1, self.dtype, "conv1")(x)
+            x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+
+        for i, num_blocks in enumerate(self.stage_sizes):
+            planes = base * 2**i
+            for j in range(num_blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                block = self.block(planes, stride, self.dtype, name=f"layer{i + 1}_{j}")
+                x = block(x, train)
+
+        x = jnp.mean(x, axis=(1, 2))
+        if features or self.num_classes == 0:
+            return x
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=LINEAR_INIT,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="fc",
+        )(x)
+
+
+resnet18 = partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2))
+resnet34 = partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3))
+resnet50 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3))
+resnet101 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 23, 3))
+resnet152 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 8, 36, 3))

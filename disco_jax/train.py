@@ -1,0 +1,345 @@
+"""The one training loop: any method, any student/teacher, one mesh.
+
+Read top to bottom: validate -> workdir -> mesh & data -> models -> state (created sharded) ->
+restore -> jitted step -> loop (log, checkpoint, kNN) -> final evaluation and export.
+Nothing here branches on the method's name; methods plug in through `disco_jax.methods`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+
+from disco_jax import checkpoint, data, methods, models, optim, sharding
+from disco_jax import eval as evaluation
+from disco_jax.errors import ConfigError
+
+log = logging.getLogger("disco_jax")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def compute_dtype(name: str) -> Any:
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    if name not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def build_encoder(net: Any, dtype: Any) -> models.Encoder:
+    """Backbone (pooled features) + projection head, from an encoder config or manifest."""
+    backbone = models.create(
+        net["model"], num_classes=0, dtype=dtype, **dict(net.get("model_kwargs", {}))
+    )
+    head = models.create_head(
+        net["head"], out_dim=net["embed_dim"], hidden_dim=net["head_hidden"] or None, dtype=dtype
+    )
+    return models.Encoder(backbone=backbone, head=head)
+
+
+def encoder_manifest(net: Any, **extra: Any) -> dict:
+    keys = ("model", "model_kwargs", "head", "head_hidden", "embed_dim")
+    return {k: (dict(net[k]) if k == "model_kwargs" else net[k]) for k in keys} | extra
+
+
+def num_train_steps(config: Any, steps_per_epoch: int) -> int:
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    if config.total_epochs <= 0:
+        raise ConfigError("set total_epochs or total_steps to a positive number")
+    return int(round(config.total_epochs * steps_per_epoch))
+
+
+def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, dict | None]:
+    """Every check that needs no compile; raises ConfigError with one line. Writes nothing."""
+    sharding.check_batch(config.batch_size, mesh)
+    method.validate(config)
+    optim.validate(config.optimizer)
+    compute_dtype(config.dtype)
+    for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
+        models.create(config[net].model, num_classes=0)  # unknown names fail here
+        models.create_head(config[net].head)
+    teacher_manifest = None
+    if method.NEEDS_TEACHER:
+        if not config.teacher.init:
+            raise ConfigError(f"method {config.method!r} needs teacher.init (an encoder directory)")
+        teacher_manifest = checkpoint.read_manifest(config.teacher.init)
+        if teacher_manifest.get("model") != config.teacher.model:
+            raise ConfigError(
+                f"teacher checkpoint {teacher_manifest['path']!r} holds a"
+                f" {teacher_manifest.get('model')!r} but teacher.model is"
+                f" {config.teacher.model!r}"
+            )
+    source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
+    if source.num_examples(config.data.train_split) < config.batch_size:
+        raise ConfigError(
+            f"split {config.data.train_split!r} has fewer examples than one global batch"
+            f" ({config.batch_size})"
+        )
+    return source, teacher_manifest
+
+
+class MetricsLog:
+    """clu writers (TensorBoard) plus one JSON object per logged step in metrics.jsonl."""
+
+    def __init__(self, workdir: str):
+        self.is_main = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        self.writer.write_scalars(step, scalars)
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(config: mlc.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) one method in `workdir`, evaluate, export; return the results dict."""
+    method = methods.get(config.method)
+    mesh = sharding.make_mesh(config.mesh.num_devices)
+    source, teacher_manifest = validate(config, method, mesh)
+
+    # ---- workdir: written only after validation passed.
+    is_main = jax.process_index() == 0
+    finished = os.path.join(workdir, "results.json")
+    if os.path.exists(finished):
+        with open(finished) as f:
+            done = json.load(f)
+        if done.get("step", 0) >= done.get("total_steps", 1):
+            log.info("%s already finished (step %d); delete results.json to evaluate again",
+                     workdir, done["step"])
+            return done
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    # ---- steps and schedule.
+    steps_per_epoch = max(1, source.num_examples(config.data.train_split) // config.batch_size)
+    total_steps = num_train_steps(config, steps_per_epoch)
+    schedule = optim.lr_schedule(
+        base_lr=config.optimizer.base_lr,
+        global_batch=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_epochs=config.optimizer.warmup_epochs,
+        decay=config.optimizer.decay,
+        granularity=config.optimizer.granularity,
+        scale_with_batch=config.optimizer.scale_with_batch,
+    )
+    tx = optim.make_optimizer(config.optimizer, schedule)
+
+    # ---- models. The teacher is frozen, outside the optimizer and the checkpoints.
+    dtype = compute_dtype(config.dtype)
+    student = build_encoder(config.student, dtype)
+    teacher, teacher_vars, meta = None, None, {"teacher": None}
+    repl = sharding.replicated(mesh)
+    if method.NEEDS_TEACHER:
+        host_vars, teacher_manifest = checkpoint.load_encoder(config.teacher.init)
+        teacher = build_encoder(teacher_manifest, dtype)
+        teacher_vars = jax.device_put(host_vars, repl)
+        meta["teacher"] = {
+            "path": teacher_manifest["path"],
+            "fingerprint": teacher_manifest["fingerprint"],
+        }
+        log.info("teacher %s from %s (sha256 %s…)", teacher_manifest["model"],
+                 teacher_manifest["path"], teacher_manifest["fingerprint"][:12])
+    augment = functools.partial(data.mocov2_augment, **config.augment, out_dtype=dtype)
+    ctx = {"student": student, "teacher": teacher, "augment": augment, "config": config}
+
+    # ---- train state, created directly with its shardings.
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), dtype)
+
+    def init_state(rng: jax.Array) -> dict:
+        r_model, r_extra, r_step = jax.random.split(rng, 3)
+        variables = student.init(r_model, dummy, train=False)
+        student_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        return {
+            **student_vars,
+            "opt_state": tx.init(student_vars["params"]),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": r_step,
+            **method.init_extra(config, r_extra, student_vars, ctx),
+        }
+
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+    state_sh = sharding.tree_shardings(abstract, mesh)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+
+    # ---- restore (a checkpoint in the workdir wins), else initialise.
+    mngr = checkpoint.manager(
+        workdir, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps
+    )
+    latest = mngr.latest_step()
+    if latest is not None:
+        state, saved_meta = checkpoint.restore(mngr, latest, abstract)
+        if saved_meta.get("teacher") != meta["teacher"]:
+            log.warning("teacher differs from the one this checkpoint was trained with: %s vs %s",
+                        saved_meta.get("teacher"), meta["teacher"])
+        log.info("resumed from %s at step %d", mngr.directory, latest)
+    else:
+        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+        log.info("initialised a new %s run in %s", config.method, workdir)
+    start_step = int(state["step"])
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
+    log.info("student %s: %s parameters; mesh %s; %d steps (%d/epoch), global batch %d",
+             config.student.model, f"{n_params:,}", dict(mesh.shape), total_steps,
+             steps_per_epoch, config.batch_size)
+
+    # ---- the step: one jitted, donated, explicitly sharded pure function.
+    def train_step(state: dict, batch: dict, teacher_vars: Any) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        loss_fn = functools.partial(
+            method.loss_fn, state=state, batch=batch, rng=rng, teacher_vars=teacher_vars, ctx=ctx
+        )
+        (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], upd)
+        new_state = {**state, **updates, "params": params, "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {**metrics, "loss": loss, "lr": schedule(state["step"]),
+                   "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+                   "update_norm": optax.global_norm(upd)}
+        return new_state, metrics
+
+    views = method.views(config)
+    keys = ("image",) if views == 1 else ("view1", "view2")
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in keys}
+    step_fn = jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_sh, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,),
+    )
+
+    # ---- evaluation of the frozen backbone.
+    feature_fn = jax.jit(
+        lambda v, x: student.apply(v, data.normalize(x, out_dtype=dtype), train=False)[
+            "features"
+        ].astype(jnp.float32),
+        out_shardings=repl,
+    )
+
+    def features(state: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+        ds = data.eval_dataset(
+            source, split=split, image_size=size,
+            local_batch=config.eval.batch_size // jax.process_count(),
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        return evaluation.extract(functools.partial(feature_fn, variables), ds, mesh)
+
+    def evaluate(state: dict, linear: bool) -> dict[str, float]:
+        train_f, train_y = features(state, config.data.train_split)
+        test_f, test_y = features(state, config.data.eval_split)
+        out = {"knn_top1": evaluation.knn_accuracy(
+            train_f, train_y, test_f, test_y, num_classes=source.num_classes,
+            k=config.eval.knn_k, temp=config.eval.knn_temp)}
+        if linear:
+            out["linear_top1"] = evaluation.linear_probe(
+                train_f, train_y, test_f, test_y, num_classes=source.num_classes,
+                epochs=config.eval.linear_epochs, lr=config.eval.linear_lr,
+                batch_size=config.eval.linear_batch_size, seed=config.seed)
+        return out
+
+    # ---- the loop.
+    metrics_log = MetricsLog(workdir)
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                             writer=metrics_log.writer,
+                                             every_steps=config.log_every_steps)
+    end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
+    ds = data.train_dataset(
+        source, split=config.data.train_split, views=views, image_size=size,
+        crop_scale=tuple(config.data.crop_scale),
+        local_batch=config.batch_size // jax.process_count(), seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
+    )
+    batches = data.global_iterator(ds, mesh)
+    t0, t_last, step_last = time.time(), time.time(), start_step
+    for step in range(start_step + 1, end_step + 1):
+        batch = next(batches)
+        state, metrics = step_fn(state, {k: batch[k] for k in keys}, teacher_vars)
+        report(step, time.time())
+        if step % config.log_every_steps == 0 or step == end_step:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(scalars["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: {scalars}; last good checkpoint kept"
+                )
+            now = time.time()
+            rate = (step - step_last) / max(now - t_last, 1e-9)
+            t_last, step_last = now, step
+            scalars["steps_per_sec"] = rate
+            metrics_log.write(step, scalars)
+            log.info("step %d/%d loss %.4f lr %.4g | %.2f steps/s, %.0f img/s, ETA %s",
+                     step, total_steps, scalars["loss"], scalars["lr"], rate,
+                     rate * config.batch_size, format_eta((total_steps - step) / max(rate, 1e-9)))
+        if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < end_step:
+            knn = evaluate(state, linear=False)
+            metrics_log.write(step, knn)
+            log.info("step %d kNN top-1 %.2f%%", step, knn["knn_top1"])
+        checkpoint.save(mngr, step, state, meta, force=step == end_step)
+    mngr.wait_until_finished()
+    train_time = time.time() - t0
+
+    # ---- the end: export the encoder and evaluate it.
+    final_step = int(state["step"])
+    results: dict[str, Any] = {"step": final_step, "total_steps": total_steps,
+                               "method": config.method, "student": config.student.model,
+                               "train_seconds_this_run": round(train_time, 1)}
+    if final_step >= total_steps:
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        variables = jax.tree_util.tree_map(sharding.to_host, variables)
+        if is_main:
+            checkpoint.save_encoder(
+                os.path.join(workdir, "encoder"), variables,
+                encoder_manifest(config.student, source="disco_jax", method=config.method,
+                                 step=final_step),
+            )
+        if config.eval.enabled:
+            t_eval = time.time()
+            results.update(evaluate(state, linear=True))
+            results["eval_seconds"] = round(time.time() - t_eval, 1)
+            metrics_log.write(final_step, {k: results[k] for k in ("knn_top1", "linear_top1")})
+            log.info("final: kNN top-1 %.2f%%, linear top-1 %.2f%%",
+                     results["knn_top1"], results["linear_top1"])
+        if is_main:
+            with open(os.path.join(workdir, "results.json"), "w") as f:
+                json.dump(results, f, indent=2)
+    metrics_log.close()
+    mngr.close()
+    return results
