@@ -118,6 +118,7 @@ def base_config() -> mlc.ConfigDict:
 def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
     """Shrink any recipe into a seconds-long run on the embedded digits data (used by tests)."""
     c.data.name = "digits"
+    c.data.train_split, c.data.eval_split = "train", "test"
     c.data.image_size = 16
     c.data.crop_scale = (0.5, 1.0)
     c.batch_size = 16

@@ -231,8 +231,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         new_state = {**state, **updates, "params": params, "opt_state": opt_state,
                      "step": state["step"] + 1}
         metrics = {**metrics, "loss": loss, "lr": schedule(state["step"]),
-                   "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-                   "update_norm": optax.global_norm(upd)}
+                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+                   "update_norm": optax.tree.norm(upd)}
         return new_state, metrics
 
     views = method.views(config)

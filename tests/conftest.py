@@ -6,3 +6,15 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """The embedded digits dataset written once per session into a temporary TFDS dir."""
+    from disco_jax.data import ensure_digits
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    ensure_digits(path)
+    return path

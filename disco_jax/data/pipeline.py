@@ -11,6 +11,8 @@ The training stream is a pure function of (seed, step):
   s // steps_per_epoch. Resuming at `start_step` starts the epoch range there and skips the
   partial epoch's examples while they are still encoded bytes, before any decode or crop.
 So a restarted job sees exactly the batches an uninterrupted one would have seen.
+(tf.data's shuffle mixes TF's global seed into its op seed. Do not call tf.random.set_seed in a
+training process, or the order stops being a function of `seed` alone.)
 """
 
 from __future__ import annotations
@@ -303,9 +305,7 @@ def eval_dataset(
 # Host -> device
 
 
-def to_global(
-    batch: dict[str, np.ndarray], mesh: Mesh, axis: str = "data"
-) -> dict[str, jax.Array]:
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh, axis: str = "data") -> dict[str, jax.Array]:
     """Process-local numpy batch -> global jax.Arrays sharded along the batch dim on `axis`."""
     sharding = NamedSharding(mesh, P(axis))
     return jax.tree.map(

@@ -73,7 +73,11 @@ class DataSource:
         return self.splits[split]
 
     def shard_size(
-        self, split: str, process_index: int = 0, process_count: int = 1, drop_remainder=True
+        self,
+        split: str,
+        process_index: int = 0,
+        process_count: int = 1,
+        drop_remainder: bool = True,
     ) -> int:
         start, end = shard_bounds(
             self.num_examples(split), process_index, process_count, drop_remainder
@@ -137,8 +141,7 @@ def _unknown_tfds_name(name: str) -> ConfigError:
     close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=4, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
     return ConfigError(
-        f"unknown dataset {name!r}: not a TFDS dataset, not 'digits' and not "
-        f"'folder:/path'{hint}"
+        f"unknown dataset {name!r}: not a TFDS dataset, not 'digits' and not 'folder:/path'{hint}"
     )
 
 
@@ -163,7 +166,7 @@ def _tfds_source(name: str, data_dir: str | None) -> DataSource:
     except tfds.core.registered.DatasetNotFoundError:
         raise _unknown_tfds_name(name) from None
     if not builder.is_prepared():
-        root = data_dir or os.path.dirname(os.path.dirname(os.path.dirname(builder.data_dir)))
+        root = data_dir or str(getattr(builder, "data_dir_root", builder.data_dir))
         raise ConfigError(
             f"TFDS dataset {name!r} is not prepared in {root} (no {builder.data_dir}) and "
             f"disco_jax never downloads: {_prepare_hint(name, root)}"

@@ -25,7 +25,7 @@ from disco_jax.errors import ConfigError, unknown_name
 from disco_jax.models import mobilenetv3, resnet
 from disco_jax.models.heads import Encoder, IdentityHead, LinearHead, MLPHead
 
-__all__ = ["Encoder", "create", "create_head", "list_heads", "list_models"]
+__all__ = ["Encoder", "create", "create_head", "list_heads", "list_models", "model_options"]
 
 _MODELS: dict[str, partial[nn.Module]] = {
     "resnet18": resnet.resnet18,

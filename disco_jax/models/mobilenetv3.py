@@ -93,11 +93,11 @@ def _conv_bn_act(
     x: jnp.ndarray,
     features: int,
     kernel: int,
-    stride: int,
     act: Activation | None,
     prefix: str,
     train: bool,
     dtype: Dtype,
+    stride: int = 1,
     groups: int = 1,
 ) -> jnp.ndarray:
     """torchvision's ``Conv2dNormActivation``: ``{prefix}_0`` conv, ``{prefix}_1`` BN, act.
@@ -146,24 +146,23 @@ class InvertedResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        cfg = self.cfg
+        cfg, dtype = self.cfg, self.dtype
         act = nn.hard_swish if cfg.use_hs else nn.relu
         y = x
         # torch numbers the block's children consecutively, so the index depends on which
         # optional layers exist.
         j = 0
         if cfg.expanded != cfg.in_ch:
-            y = _conv_bn_act(y, cfg.expanded, 1, 1, act, f"block_{j}", train, self.dtype)
+            y = _conv_bn_act(y, cfg.expanded, 1, act, f"block_{j}", train, dtype)
             j += 1
         y = _conv_bn_act(
-            y, cfg.expanded, cfg.kernel, cfg.stride, act, f"block_{j}", train, self.dtype,
-            groups=cfg.expanded,
+            y, cfg.expanded, cfg.kernel, act, f"block_{j}", train, dtype, cfg.stride, cfg.expanded
         )
         j += 1
         if cfg.use_se:
-            y = y * _squeeze_excite(y, f"block_{j}", self.dtype)
+            y = y * _squeeze_excite(y, f"block_{j}", dtype)
             j += 1
-        y = _conv_bn_act(y, cfg.out_ch, 1, 1, None, f"block_{j}", train, self.dtype)
+        y = _conv_bn_act(y, cfg.out_ch, 1, None, f"block_{j}", train, dtype)
         if cfg.stride == 1 and cfg.in_ch == cfg.out_ch:
             y = y + x
         return y
@@ -181,19 +180,19 @@ class MobileNetV3(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
         blocks, last_channel = ARCHS[self.arch]
+        dtype = self.dtype
         ch = lambda c: make_divisible(c * self.width)
-        x = _conv_bn_act(x, ch(blocks[0].in_ch), 3, 2, nn.hard_swish, "features_0", train,
-                         self.dtype)
+        x = _conv_bn_act(x, ch(blocks[0].in_ch), 3, nn.hard_swish, "features_0", train, dtype, 2)
         for i, b in enumerate(blocks, start=1):
             cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
-            x = InvertedResidual(cfg, self.dtype, name=f"features_{i}")(x, train)
+            x = InvertedResidual(cfg, dtype, name=f"features_{i}")(x, train)
         # torchvision uses 6x the last block's channels here without re-rounding.
-        x = _conv_bn_act(x, 6 * ch(blocks[-1].out_ch), 1, 1, nn.hard_swish,
-                         f"features_{len(blocks) + 1}", train, self.dtype)
+        last = f"features_{len(blocks) + 1}"
+        x = _conv_bn_act(x, 6 * ch(blocks[-1].out_ch), 1, nn.hard_swish, last, train, dtype)
         x = jnp.mean(x, axis=(1, 2))
 
         dense = lambda n, name: nn.Dense(
-            n, kernel_init=LINEAR_INIT, dtype=self.dtype, param_dtype=jnp.float32, name=name
+            n, kernel_init=LINEAR_INIT, dtype=dtype, param_dtype=jnp.float32, name=name
         )
         x = nn.hard_swish(dense(ch(last_channel), "classifier_0")(x))
         if features or self.num_classes == 0:

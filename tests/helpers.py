@@ -1,0 +1,29 @@
+"""Shared test utilities."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(spec: str, data_dir: str | None = None):
+    """Load `configs/NAME.py[:arg]` as the CLI does, optionally pointing data at data_dir."""
+    name, _, arg = spec.partition(":")
+    path = os.path.join(ROOT, "configs", name)
+    module_spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg or None)
+    if data_dir is not None:
+        stages = [cfg.stages[s] for s in cfg.stage_order] if "stages" in cfg else [cfg]
+        for stage in stages:
+            stage.data.data_dir = data_dir
+    return cfg
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
