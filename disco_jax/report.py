@@ -35,8 +35,9 @@ def write(workdir: str, summary: dict, config: Any) -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
     lines.append("")
-    lines.append(f"Dataset: {config.dataset_name}; kNN: k={config.stages[rows[0]['stage']].eval.knn_k}"
-                 f" weighted cosine, T=0.07; linear probe on frozen pooled features."
+    knn = config.stages[rows[0]["stage"]].eval
+    lines.append(f"Dataset: {config.dataset_name}. kNN: k={knn.knn_k}, cosine, T={knn.knn_temp};"
+                 f" linear probe on frozen pooled features (top-1 %, test split)."
                  f" Total wall time {summary['wall_seconds']:.0f} s.")
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

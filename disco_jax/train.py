@@ -66,11 +66,18 @@ def num_train_steps(config: Any, steps_per_epoch: int) -> int:
 def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, dict | None]:
     """Every check that needs no compile; raises ConfigError with one line. Writes nothing."""
     sharding.check_batch(config.batch_size, mesh)
+    source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
+    if source.num_examples(config.data.train_split) < config.batch_size:
+        raise ConfigError(
+            f"split {config.data.train_split!r} has fewer examples than one global batch"
+            f" ({config.batch_size})"
+        )
     method.validate(config)
     optim.validate(config.optimizer)
     compute_dtype(config.dtype)
     for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
-        models.create(config[net].model, num_classes=0)  # unknown names fail here
+        # Unknown names and options fail here, before anything is traced.
+        models.create(config[net].model, num_classes=0, **dict(config[net].model_kwargs))
         models.create_head(config[net].head)
     teacher_manifest = None
     if method.NEEDS_TEACHER:
@@ -83,12 +90,6 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
                 f" {teacher_manifest.get('model')!r} but teacher.model is"
                 f" {config.teacher.model!r}"
             )
-    source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
-    if source.num_examples(config.data.train_split) < config.batch_size:
-        raise ConfigError(
-            f"split {config.data.train_split!r} has fewer examples than one global batch"
-            f" ({config.batch_size})"
-        )
     return source, teacher_manifest
 
 

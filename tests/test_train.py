@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -33,8 +34,9 @@ def seed_config(data_dir, teacher_dir, **overrides):
     cfg = load_config("seed_mbv3.py:smoke", data_dir)
     cfg.teacher.model = "resnet18"
     cfg.teacher.init = teacher_dir
-    cfg.total_steps = 6
-    cfg.checkpoint_every_steps = 3
+    cfg.total_steps = 4
+    cfg.checkpoint_every_steps = 2
+    cfg.log_every_steps = 1
     cfg.eval.enabled = False
     for k, v in overrides.items():
         node, *rest = k.split(".")
@@ -48,7 +50,8 @@ def seed_config(data_dir, teacher_dir, **overrides):
 def final_state(workdir):
     mngr = checkpoint.manager(workdir, keep=5, every_steps=1)
     step = mngr.latest_step()
-    restored = mngr.restore(step)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     mngr.close()
     return step, jax.tree_util.tree_map(np.asarray, dict(restored["state"]))
 
@@ -71,52 +74,50 @@ def test_seed_8_devices_equals_1_device_and_is_deterministic(tmp_path, data_dir,
     assert jax.device_count() == 8
     runs = {}
     for name, n in [("a8", 8), ("b1", 1), ("c8", 8)]:
-        cfg = seed_config(data_dir, teacher_dir, **{"mesh.num_devices": n})
+        cfg = seed_config(data_dir, teacher_dir, total_steps=3, **{"mesh.num_devices": n})
         train.run(cfg, str(tmp_path / name))
         runs[name] = (read_metrics(str(tmp_path / name)), final_state(str(tmp_path / name))[1])
+    # The queue was trained and checkpointed sharded P("data", None): 8 rows of 64 per device.
+    meta = ocp.StandardCheckpointer().metadata(str(tmp_path / "a8" / "checkpoints" / "3" / "state"))
+    feats = meta.item_metadata["queue"]["feats"]
+    assert tuple(feats.sharding.partition_spec) == ("data", None)
+    assert tuple(feats.storage.chunk_shape) == (8, 128)
+    assert "teacher" not in meta.item_metadata  # the frozen teacher is not re-saved
     loss = {k: [r["loss"] for r in v[0]] for k, v in runs.items()}
-    assert len(loss["a8"]) >= 3
+    assert len(loss["a8"]) == 3
     # Determinism: the same seed gives the same loss curve and the same parameters, bitwise.
     assert loss["a8"] == loss["c8"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, runs["a8"][1], runs["c8"][1])
     # 8 devices == 1 device for the same global batch (global BN, global-FIFO queue).
     np.testing.assert_allclose(loss["a8"], loss["b1"], rtol=1e-5, atol=1e-5)
-    for key in ("params", "batch_stats", "queue"):
+    # The queue holds teacher embeddings: identical math, so 1e-5. Parameters after two SGD
+    # updates carry float32 reduction-order noise through the BatchNorm backward pass (whose
+    # batch-mean subtraction cancels), amplified by lr=0.03: they agree to 5e-5 absolute.
+    tolerances = {"queue": 1e-5, "batch_stats": 5e-5, "params": 5e-5}
+    for key, tol in tolerances.items():
         jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+            lambda a, b, tol=tol: np.testing.assert_allclose(a, b, rtol=1e-5, atol=tol),
             runs["a8"][1][key], runs["b1"][1][key])
-
-
-def test_queue_is_sharded_in_the_train_state(tmp_path, data_dir, teacher_dir):
-    cfg = seed_config(data_dir, teacher_dir, total_steps=2)
-    train.run(cfg, str(tmp_path))
-    mngr = checkpoint.manager(str(tmp_path), keep=5, every_steps=1)
-    meta = mngr.item_metadata(mngr.latest_step())
-    mngr.close()
-    feats_meta = meta["state"]["queue"]["feats"]
-    assert tuple(feats_meta.shape) == (cfg.queue_size, 128)
-    sh = getattr(feats_meta, "sharding", None)
-    if sh is not None and hasattr(sh, "partition_spec"):
-        assert tuple(sh.partition_spec) == ("data", None)
 
 
 def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir, teacher_dir):
     straight = tmp_path / "straight"
     train.run(seed_config(data_dir, teacher_dir), str(straight))
     resumed = tmp_path / "resumed"
-    train.run(seed_config(data_dir, teacher_dir, stop_at_step=3), str(resumed))
-    assert final_state(str(resumed))[0] == 3
+    train.run(seed_config(data_dir, teacher_dir, stop_at_step=2), str(resumed))
+    assert final_state(str(resumed))[0] == 2
     cmd = [sys.executable, "-m", "disco_jax.main", f"--config={ROOT}/configs/seed_mbv3.py:smoke",
            f"--workdir={resumed}", f"--config.data.data_dir={data_dir}",
            "--config.teacher.model=resnet18", f"--config.teacher.init={teacher_dir}",
-           "--config.total_steps=6", "--config.checkpoint_every_steps=3",
+           "--config.total_steps=4", "--config.checkpoint_every_steps=2",
+           "--config.log_every_steps=1",
            "--config.eval.enabled=False"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
     step_a, a = final_state(str(straight))
     step_b, b = final_state(str(resumed))
-    assert step_a == step_b == 6
+    assert step_a == step_b == 4
     for key in ("params", "batch_stats", "queue", "opt_state", "rng"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, a[key], b[key])
     la = {r["step"]: r["loss"] for r in read_metrics(str(straight))}

@@ -59,6 +59,9 @@ def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPS,
+        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
+        # depend on how the batch was split over devices.
+        use_fast_variance=False,
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
