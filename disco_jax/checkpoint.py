@@ -84,6 +84,7 @@ def save_encoder(path: str, variables: dict, manifest: dict) -> None:
 
 def read_manifest(path: str) -> dict:
     """The manifest of an encoder directory; ConfigError if it is not one."""
+    path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "encoder")) and not os.path.exists(
         os.path.join(path, MANIFEST)
     ):

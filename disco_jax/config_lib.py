@@ -55,6 +55,7 @@ def base_config() -> mlc.ConfigDict:
             "eval_split": "test",
             "image_size": 224,
             "crop_scale": (0.2, 1.0),
+            "flip_p": 0.5,  # horizontal flip probability (host side)
             "shuffle_buffer": 50_000,
         }
     )

@@ -284,7 +284,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
     ds = data.train_dataset(
         source, split=config.data.train_split, views=views, image_size=size,
-        crop_scale=tuple(config.data.crop_scale),
+        crop_scale=tuple(config.data.crop_scale), flip_p=config.data.flip_p,
         local_batch=config.batch_size // jax.process_count(), seed=config.seed,
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,

@@ -393,3 +393,14 @@ def test_to_global_and_iterator(digits):
     assert len(batches) == eval_batches(digits, split="test", local_batch=64)
     assert int(sum(b["mask"].sum() for b in batches)) == 360
     assert batches[0]["image"].sharding.spec == P("data")
+
+
+def test_flip_probability(digits):
+    # Whole-image crops: with flip_p=0 both views are the same resized image; with flip_p=1
+    # one is exactly the mirror of that image.
+    kwargs = dict(split="train", views=2, image_size=8, local_batch=64, seed=2,
+                  crop_scale=(1.0, 1.0))
+    plain = take(train_dataset(digits, flip_p=0.0, **kwargs), 1)[0]
+    np.testing.assert_array_equal(plain["view1"], plain["view2"])
+    flipped = take(train_dataset(digits, flip_p=1.0, **kwargs), 1)[0]
+    np.testing.assert_array_equal(flipped["view1"], plain["view1"][:, :, ::-1])

@@ -123,7 +123,8 @@ def _crop_box(
 
 
 def _random_view(
-    image: tf.Tensor, key: tf.Tensor, image_size: int, scale: tuple[float, float]
+    image: tf.Tensor, key: tf.Tensor, image_size: int, scale: tuple[float, float],
+    flip_p: float = 0.5,
 ) -> tf.Tensor:
     """Random-resized crop + horizontal flip of a decoded HxWxC image -> uint8 SxSx3."""
     k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
@@ -131,7 +132,7 @@ def _random_view(
     top, left, ch, cw = _crop_box(k_crop, shape[0], shape[1], scale)
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
     view = _resize(crop, [image_size, image_size])
-    view = tf.cond(_uniform(k_flip, []) < 0.5, lambda: tf.reverse(view, [1]), lambda: view)
+    view = tf.cond(_uniform(k_flip, []) < flip_p, lambda: tf.reverse(view, [1]), lambda: view)
     return _to_rgb(_to_uint8(view))
 
 
@@ -185,6 +186,7 @@ def train_dataset(
     views: int,
     image_size: int,
     crop_scale: tuple[float, float] = (0.2, 1.0),
+    flip_p: float = 0.5,
     local_batch: int,
     seed: int,
     start_step: int = 0,
@@ -235,10 +237,12 @@ def train_dataset(
         image = source.decode(ex["image"])
         out = {"label": ex["label"]}
         if views == 1:
-            out["image"] = _random_view(image, key, image_size, (lo, hi))
+            out["image"] = _random_view(image, key, image_size, (lo, hi), flip_p)
         else:
             for v in (1, 2):
-                out[f"view{v}"] = _random_view(image, _fold_in(key, v), image_size, (lo, hi))
+                out[f"view{v}"] = _random_view(
+                    image, _fold_in(key, v), image_size, (lo, hi), flip_p
+                )
         return out
 
     # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.

@@ -1,8 +1,9 @@
 """Linear probe on cached frozen features.
 
 The backbone is frozen and in inference mode (as MoCo's `main_lincls.py`). Features are
-extracted once (no augmentation) and standardised with the training-set mean and variance
-(a BatchNorm without affine parameters in front of the classifier, as MAE's probe), then a
+extracted once (no augmentation), L2-normalised, and standardised with the training-set mean
+and variance (a BatchNorm without affine parameters in front of the classifier, as MAE's
+probe), then a
 linear classifier (weights N(0, 0.01), bias 0, as the official probe) is trained with SGD,
 momentum 0.9, no weight decay and a cosine schedule. On cached features this takes seconds,
 which is what makes it usable as a periodic and end-of-run metric.
@@ -16,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from disco_jax.losses import l2_normalize
 
 
 def linear_probe(
@@ -31,11 +34,13 @@ def linear_probe(
     seed: int = 0,
 ) -> float:
     """Top-1 accuracy (in %) of a linear classifier trained on the frozen features."""
-    x = np.asarray(train_feats, np.float32)
+    # L2-normalise first so the standardisation below is scale-free: a backbone whose features
+    # are tiny (e.g. an untrained MobileNetV3 in eval mode, ~1e-9) must not fall below the eps.
+    x = np.asarray(l2_normalize(jnp.asarray(train_feats)))
     mean, std = x.mean(0), np.sqrt(x.var(0) + 1e-6)
     x = jnp.asarray((x - mean) / std)
     y = jnp.asarray(train_labels, jnp.int32)
-    xt = jnp.asarray((np.asarray(test_feats, np.float32) - mean) / std)
+    xt = jnp.asarray((np.asarray(l2_normalize(jnp.asarray(test_feats))) - mean) / std)
     n, d = x.shape
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size

@@ -99,6 +99,7 @@ def _conv_bn_act(
     dtype: Dtype,
     stride: int = 1,
     groups: int = 1,
+    bn_momentum: float = BN_MOMENTUM,
 ) -> jnp.ndarray:
     """torchvision's ``Conv2dNormActivation``: ``{prefix}_0`` conv, ``{prefix}_1`` BN, act.
 
@@ -118,7 +119,7 @@ def _conv_bn_act(
     )(x)
     x = nn.BatchNorm(
         use_running_average=not train,
-        momentum=BN_MOMENTUM,
+        momentum=bn_momentum,
         epsilon=BN_EPS,
         # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
         # depend on how the batch was split over devices.
@@ -146,26 +147,28 @@ class InvertedResidual(nn.Module):
 
     cfg: BlockConfig  # channel counts already scaled by the width multiplier
     dtype: Dtype = jnp.float32
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        cfg, dtype = self.cfg, self.dtype
+        cfg, dtype, m = self.cfg, self.dtype, self.bn_momentum
         act = nn.hard_swish if cfg.use_hs else nn.relu
         y = x
         # torch numbers the block's children consecutively, so the index depends on which
         # optional layers exist.
         j = 0
         if cfg.expanded != cfg.in_ch:
-            y = _conv_bn_act(y, cfg.expanded, 1, act, f"block_{j}", train, dtype)
+            y = _conv_bn_act(y, cfg.expanded, 1, act, f"block_{j}", train, dtype, bn_momentum=m)
             j += 1
         y = _conv_bn_act(
-            y, cfg.expanded, cfg.kernel, act, f"block_{j}", train, dtype, cfg.stride, cfg.expanded
+            y, cfg.expanded, cfg.kernel, act, f"block_{j}", train, dtype, cfg.stride, cfg.expanded,
+            bn_momentum=m,
         )
         j += 1
         if cfg.use_se:
             y = y * _squeeze_excite(y, f"block_{j}", dtype)
             j += 1
-        y = _conv_bn_act(y, cfg.out_ch, 1, None, f"block_{j}", train, dtype)
+        y = _conv_bn_act(y, cfg.out_ch, 1, None, f"block_{j}", train, dtype, bn_momentum=m)
         if cfg.stride == 1 and cfg.in_ch == cfg.out_ch:
             y = y + x
         return y
@@ -179,19 +182,25 @@ class MobileNetV3(nn.Module):
     width: float = 1.0
     dropout: float = 0.2
     dtype: Dtype = jnp.float32
+    # Flax convention (weight of the old statistic); 0.99 is torchvision's momentum 0.01.
+    bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
         blocks, last_channel = ARCHS[self.arch]
-        dtype = self.dtype
+        dtype, m = self.dtype, self.bn_momentum
         ch = lambda c: make_divisible(c * self.width)
-        x = _conv_bn_act(x, ch(blocks[0].in_ch), 3, nn.hard_swish, "features_0", train, dtype, 2)
+        x = _conv_bn_act(
+            x, ch(blocks[0].in_ch), 3, nn.hard_swish, "features_0", train, dtype, 2, bn_momentum=m
+        )
         for i, b in enumerate(blocks, start=1):
             cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
-            x = InvertedResidual(cfg, dtype, name=f"features_{i}")(x, train)
+            x = InvertedResidual(cfg, dtype, m, name=f"features_{i}")(x, train)
         # torchvision uses 6x the last block's channels here without re-rounding.
         last = f"features_{len(blocks) + 1}"
-        x = _conv_bn_act(x, 6 * ch(blocks[-1].out_ch), 1, nn.hard_swish, last, train, dtype)
+        x = _conv_bn_act(
+            x, 6 * ch(blocks[-1].out_ch), 1, nn.hard_swish, last, train, dtype, bn_momentum=m
+        )
         x = jnp.mean(x, axis=(1, 2))
 
         dense = lambda n, name: nn.Dense(
