@@ -2,8 +2,9 @@
 
 Three stages, each in WORKDIR/<stage>, then a table in WORKDIR/results.{json,md}:
 1. `teacher`: MoCo-v2 pretraining of a ResNet-18 teacher (CIFAR stem, width 0.25; 40 epochs);
-2. `baseline`: the much smaller MobileNetV3-Large student (width 0.25: 0.30M backbone parameters against
-   0.70M, and 0.7 against 13.4 MFLOPs per 16 px image) with MoCo-v2 alone (50 epochs);
+2. `baseline`: the much smaller MobileNetV3-Large student (width 0.25: 0.30M backbone
+   parameters against 0.70M, 0.7 against 13.4 MFLOPs per 16 px image) with MoCo-v2 alone
+   (50 epochs);
 3. `seed`: the same student distilled with SEED from the frozen teacher of stage 1.
 All three frozen backbones are evaluated with weighted kNN and a linear probe on the held-out
 test split (360 images, never seen in training).

@@ -23,7 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def teacher_dir(tmp_path_factory, data_dir):
     """A tiny MoCo-v2 teacher: configs/moco_v2_r50.py:smoke with a small ResNet-18."""
     cfg = load_config("moco_v2_r50.py:smoke", data_dir)
-    cfg.student.model = "resnet18"
     workdir = str(tmp_path_factory.mktemp("teacher"))
     res = train.run(cfg, workdir)
     assert res["step"] == cfg.total_steps
@@ -32,7 +31,6 @@ def teacher_dir(tmp_path_factory, data_dir):
 
 def seed_config(data_dir, teacher_dir, **overrides):
     cfg = load_config("seed_mbv3.py:smoke", data_dir)
-    cfg.teacher.model = "resnet18"
     cfg.teacher.init = teacher_dir
     cfg.total_steps = 4
     cfg.checkpoint_every_steps = 2
@@ -61,7 +59,7 @@ def test_moco_v2_smoke_config_trains_checkpoints_and_evaluates(teacher_dir):
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100
     manifest = json.load(open(os.path.join(teacher_dir, "manifest.json")))
-    assert manifest["model"] == "resnet18" and len(manifest["fingerprint"]) == 64
+    assert manifest["model"] == "resnet50" and len(manifest["fingerprint"]) == 64
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["method"] == "moco_v2"
     rows = read_metrics(workdir)
@@ -102,13 +100,20 @@ def test_seed_8_devices_equals_1_device_and_is_deterministic(tmp_path, data_dir,
 
 def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir, teacher_dir):
     straight = tmp_path / "straight"
-    train.run(seed_config(data_dir, teacher_dir), str(straight))
+    # The straight run is also the seed_mbv3:smoke end-to-end check: periodic kNN, final eval.
+    cfg = seed_config(data_dir, teacher_dir, eval_every_steps=2)
+    cfg.eval.enabled = True
+    results = train.run(cfg, str(straight))
+    assert 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100
+    rows = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "knn_top1" in r and "linear_top1" not in r] == [2]
+    assert json.load(open(straight / "results.json"))["step"] == 4
     resumed = tmp_path / "resumed"
     train.run(seed_config(data_dir, teacher_dir, stop_at_step=2), str(resumed))
     assert final_state(str(resumed))[0] == 2
     cmd = [sys.executable, "-m", "disco_jax.main", f"--config={ROOT}/configs/seed_mbv3.py:smoke",
            f"--workdir={resumed}", f"--config.data.data_dir={data_dir}",
-           "--config.teacher.model=resnet18", f"--config.teacher.init={teacher_dir}",
+           f"--config.teacher.init={teacher_dir}",
            "--config.total_steps=4", "--config.checkpoint_every_steps=2",
            "--config.log_every_steps=1",
            "--config.eval.enabled=False"]
