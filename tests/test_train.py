@@ -88,14 +88,21 @@ def test_seed_8_devices_equals_1_device_and_is_deterministic(tmp_path, data_dir,
     jax.tree_util.tree_map(np.testing.assert_array_equal, runs["a8"][1], runs["c8"][1])
     # 8 devices == 1 device for the same global batch (global BN, global-FIFO queue).
     np.testing.assert_allclose(loss["a8"], loss["b1"], rtol=1e-5, atol=1e-5)
-    # The queue holds teacher embeddings: identical math, so 1e-5. Parameters after two SGD
-    # updates carry float32 reduction-order noise through the BatchNorm backward pass (whose
-    # batch-mean subtraction cancels), amplified by lr=0.03: they agree to 5e-5 absolute.
-    tolerances = {"queue": 1e-5, "batch_stats": 5e-5, "params": 5e-5}
-    for key, tol in tolerances.items():
-        jax.tree_util.tree_map(
-            lambda a, b, tol=tol: np.testing.assert_allclose(a, b, rtol=1e-5, atol=tol),
-            runs["a8"][1][key], runs["b1"][1][key])
+    # The queue holds teacher embeddings: identical math, so 1e-5.
+    np.testing.assert_allclose(runs["a8"][1]["queue"]["feats"], runs["b1"][1]["queue"]["feats"],
+                               rtol=1e-5, atol=1e-5)
+    # Parameters and BN statistics after two SGD updates agree to ~1e-5 relative L2 (measured
+    # 1.3e-5 for params), not bitwise: float32 reduction-order noise passes through the
+    # BatchNorm backward pass, whose batch-mean subtraction cancels, and this smoke student
+    # normalises 1x1 feature maps over 16 images, so a few gradients are only good to ~1e-3
+    # relative whatever the device count. A real sharding bug (per-device BN statistics,
+    # unaveraged gradients) moves them by percents.
+    for key in ("params", "batch_stats"):
+        a = np.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(runs["a8"][1][key])])
+        b = np.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(runs["b1"][1][key])])
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < 5e-5, f"{key}: relative L2 difference {rel:.2e}"
+        assert np.abs(a - b).max() < 1e-3, f"{key}: max abs difference {np.abs(a - b).max():.2e}"
 
 
 def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir, teacher_dir):

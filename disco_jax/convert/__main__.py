@@ -1,0 +1,81 @@
+"""``python -m disco_jax.convert FORMAT ARCH INPUT OUTPUT_DIR``: a torch checkpoint -> encoder dir.
+
+The output directory is what ``teacher.init`` takes. Bad input prints one ``error: ...`` line
+and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from disco_jax.errors import ConfigError
+
+
+def _kwarg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers and booleans; anything else stays a string
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> int:
+    from disco_jax import convert, models
+
+    parser = argparse.ArgumentParser(
+        prog="python -m disco_jax.convert",
+        description="Convert a PyTorch checkpoint into a disco_jax encoder directory.",
+    )
+    parser.add_argument("format", help=f"source format: {', '.join(convert.FORMATS)}")
+    parser.add_argument("arch", help=f"architecture: {', '.join(models.list_models())}")
+    parser.add_argument("input", help="the .pth / .pth.tar file (loaded with weights_only=True)")
+    parser.add_argument("output_dir", help="encoder directory to write")
+    parser.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="checkpoint key or fnmatch pattern to skip on purpose (repeatable)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier width in the checkpoint (default: read from it)",
+    )
+    parser.add_argument(
+        "--model-kwarg",
+        action="append",
+        default=[],
+        type=_kwarg,
+        metavar="KEY=VALUE",
+        help="model option, e.g. width=0.5 or stem=cifar (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        manifest = convert.convert_file(
+            args.format,
+            args.arch,
+            args.input,
+            args.output_dir,
+            num_classes=args.num_classes,
+            ignore=args.ignore,
+            **dict(args.model_kwarg),
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.output_dir}: {manifest['model']} + {manifest['head']} head"
+        f" (embed_dim {manifest['embed_dim']}), source sha256 {manifest['source_sha256'][:12]}..."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

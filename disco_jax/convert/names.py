@@ -1,0 +1,138 @@
+"""The naming rule between Flax variable trees and torchvision state_dict keys.
+
+Every disco_jax model names its modules so that joining the module components of a Flax
+variable path with '_' gives the torch module path with '.' replaced by '_' (see the
+`disco_jax.models.resnet` docstring). So a torch key is matched to a Flax leaf by normalising
+both sides to ``"<module path with '_'>.<torch leaf name>"``; nothing here knows any
+architecture. Leaves map as:
+
+====================  ==========  ==================  =========================================
+Flax collection       Flax leaf   torch leaf          layout
+====================  ==========  ==================  =========================================
+params                kernel      weight              conv (kh, kw, in/g, out) <- (out, in/g,
+                                                      kh, kw); dense (in, out) <- (out, in)
+params                scale       weight              as is (BatchNorm / LayerNorm)
+params                bias        bias                as is
+params                embedding   weight              as is
+batch_stats           mean        running_mean        as is
+batch_stats           var         running_var         as is
+====================  ==========  ==================  =========================================
+
+torch's ``num_batches_tracked`` belongs to every BatchNorm (a module with ``mean`` in
+batch_stats) and has no Flax counterpart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from disco_jax.errors import ConfigError
+
+# (collection, Flax leaf name) -> torch leaf name.
+LEAF_TO_TORCH: dict[tuple[str, str], str] = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "embedding"): "weight",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+NUM_BATCHES_TRACKED = "num_batches_tracked"
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One Flax variable: where it lives in the tree and what torch calls it."""
+
+    collection: str
+    path: tuple[str, ...]  # module names, then the leaf name
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def module(self) -> str:
+        return "_".join(self.path[:-1])
+
+    @property
+    def torch_leaf(self) -> str:
+        try:
+            return LEAF_TO_TORCH[(self.collection, self.path[-1])]
+        except KeyError:
+            raise ConfigError(
+                f"no torch counterpart for Flax variable {self.collection}/{'/'.join(self.path)}"
+            ) from None
+
+    @property
+    def norm_key(self) -> str:
+        """The normalised name shared with `norm_torch_key`."""
+        return f"{self.module}.{self.torch_leaf}"
+
+    def default_torch_key(self) -> str:
+        """The torch key assuming torch module names contain no '_' (true for torchvision's
+        ResNet, MobileNetV3 and EfficientNet, and for the MoCo heads)."""
+        return f"{self.module.replace('_', '.')}.{self.torch_leaf}"
+
+    @property
+    def is_kernel(self) -> bool:
+        return self.collection == "params" and self.path[-1] == "kernel"
+
+
+def norm_torch_key(key: str) -> str:
+    """``layer1.0.downsample.0.weight`` -> ``layer1_0_downsample_0.weight``."""
+    module, _, leaf = key.rpartition(".")
+    return f"{module.replace('.', '_')}.{leaf}"
+
+
+def leaves(tree: Mapping[str, Any]) -> list[Leaf]:
+    """The leaves of a ``{"params": ..., "batch_stats": ...}`` tree of arrays or shape structs."""
+    out: list[Leaf] = []
+
+    def walk(collection: str, node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping):
+            for k in node:
+                walk(collection, node[k], (*path, str(k)))
+        else:
+            out.append(Leaf(collection, path, tuple(node.shape), node.dtype))
+
+    for collection in tree:
+        walk(collection, tree[collection], ())
+    return out
+
+
+def bn_modules(tree_leaves: list[Leaf]) -> list[Leaf]:
+    """One leaf per BatchNorm module (its running mean), in tree order."""
+    return [lf for lf in tree_leaves if lf.collection == "batch_stats" and lf.path[-1] == "mean"]
+
+
+def to_flax_layout(value: np.ndarray, leaf: Leaf) -> np.ndarray:
+    """A torch-layout array in Flax layout for ``leaf`` (no shape check)."""
+    if leaf.is_kernel and value.ndim == 4:
+        return np.transpose(value, (2, 3, 1, 0))  # (out, in/g, kh, kw) -> (kh, kw, in/g, out)
+    if leaf.is_kernel and value.ndim == 2:
+        return np.transpose(value)  # Linear (out, in) -> Dense (in, out)
+    return value
+
+
+def to_torch_layout(value: np.ndarray, leaf: Leaf) -> np.ndarray:
+    """The inverse of `to_flax_layout`."""
+    if leaf.is_kernel and value.ndim == 4:
+        return np.transpose(value, (3, 2, 0, 1))
+    if leaf.is_kernel and value.ndim == 2:
+        return np.transpose(value)
+    return value
+
+
+def torch_shape(leaf: Leaf) -> tuple[int, ...]:
+    """The shape torch uses for ``leaf``: for error messages in the checkpoint's own terms."""
+    return to_torch_layout(np.empty(leaf.shape, dtype=np.bool_), leaf).shape
+
+
+def set_path(tree: dict, collection: str, path: tuple[str, ...], value: Any) -> None:
+    node = tree.setdefault(collection, {})
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+    node[path[-1]] = value

@@ -1,0 +1,505 @@
+"""PyTorch checkpoint conversion: eval outputs equal torch's, exact round trips, clear errors.
+
+torchvision cannot be imported here, so the torch reference networks are written below with
+torchvision's module names and structure (ResNet v1.5 BasicBlock/Bottleneck, MobileNetV3 with
+Conv2dNormActivation / SqueezeExcitation blocks); the MobileNetV3 block table is taken from
+`disco_jax.models.mobilenetv3` (it is torchvision's, and its parameter counts are checked
+against torchvision in test_models). Weights and BN running statistics are random but scaled
+so eval outputs stay O(1), which makes a 1e-4 tolerance meaningful.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from disco_jax import checkpoint, convert, models
+from disco_jax.convert.__main__ import main as convert_main
+from disco_jax.errors import ConfigError
+from disco_jax.models import mobilenetv3
+
+# Tiny programs run once: XLA's backend optimisations cost more than they save.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+# ---------------------------------------------------------------- torch reference networks
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inp: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(inp, planes, stride)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inp: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5: stride here
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(inp, planes * 4, stride)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def _downsample(inp: int, out: int, stride: int) -> nn.Module | None:
+    if stride == 1 and inp == out:
+        return None
+    return nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet plus disco_jax's ``width`` and ``stem`` options."""
+
+    def __init__(self, block, layers, num_classes=1000, width=1.0, stem="imagenet"):
+        super().__init__()
+        base = max(1, round(64 * width))
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, base, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, base, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU()
+        inp = base
+        for i, n in enumerate(layers):
+            planes = base * 2**i
+            blocks = []
+            for j in range(n):
+                blocks.append(block(inp, planes, 2 if i > 0 and j == 0 else 1))
+                inp = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inp, num_classes) if num_classes else None
+        self.feature_dim = inp
+
+    def features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _cna(inp, out, k, stride=1, groups=1, act=None) -> nn.Sequential:
+    """torchvision's Conv2dNormActivation: children 0 (conv), 1 (BN), 2 (activation)."""
+    layers = [
+        nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out, eps=1e-3, momentum=0.01),
+    ]
+    return nn.Sequential(*layers, *([act()] if act else []))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.relu = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, x):
+        s = self.fc2(self.relu(self.fc1(self.avgpool(x))))
+        return self.scale_activation(s) * x
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cfg: mobilenetv3.BlockConfig):
+        super().__init__()
+        act = nn.Hardswish if cfg.use_hs else nn.ReLU
+        layers = []
+        if cfg.expanded != cfg.in_ch:
+            layers.append(_cna(cfg.in_ch, cfg.expanded, 1, act=act))
+        layers.append(
+            _cna(cfg.expanded, cfg.expanded, cfg.kernel, cfg.stride, cfg.expanded, act=act)
+        )
+        if cfg.use_se:
+            sq = mobilenetv3.make_divisible(cfg.expanded // 4, 8)
+            layers.append(SqueezeExcitation(cfg.expanded, sq))
+        layers.append(_cna(cfg.expanded, cfg.out_ch, 1))
+        self.block = nn.Sequential(*layers)
+        self.use_res = cfg.stride == 1 and cfg.in_ch == cfg.out_ch
+
+    def forward(self, x):
+        y = self.block(x)
+        return y + x if self.use_res else y
+
+
+class MobileNetV3(nn.Module):
+    """torchvision's MobileNetV3 with its ``width_mult``."""
+
+    def __init__(self, arch: str, num_classes=1000, width=1.0):
+        super().__init__()
+        blocks, last_channel = mobilenetv3.ARCHS[arch]
+        ch = lambda c: mobilenetv3.make_divisible(c * width, 8)  # noqa: E731
+        layers = [_cna(3, ch(blocks[0].in_ch), 3, 2, act=nn.Hardswish)]
+        for b in blocks:
+            cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+            layers.append(InvertedResidual(cfg))
+        last = ch(blocks[-1].out_ch)
+        layers.append(_cna(last, 6 * last, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(6 * last, ch(last_channel)),
+            nn.Hardswish(),
+            nn.Dropout(0.2),
+            nn.Linear(ch(last_channel), num_classes),
+        )
+
+    def pooled_features(self, x):
+        x = torch.flatten(self.avgpool(self.features(x)), 1)
+        return self.classifier[1](self.classifier[0](x))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    """Random weights and BN statistics, scaled so that deep eval outputs stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / fan_in**0.5)
+                if mod.bias is not None:
+                    mod.bias.copy_(0.1 * torch.randn(mod.bias.shape, generator=g))
+            elif isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                n = mod.num_features
+                mod.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=g))
+                mod.bias.copy_(0.1 * torch.randn(n, generator=g))
+                mod.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                mod.num_batches_tracked.fill_(123)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _image(shape_nchw, seed=0) -> torch.Tensor:
+    return torch.randn(shape_nchw, generator=torch.Generator().manual_seed(seed))
+
+
+def _nhwc(x: torch.Tensor) -> jnp.ndarray:
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def _flax_outputs(model, variables, x):
+    """(features, logits) in eval mode, in one compile."""
+
+    @_jit
+    def run(v, x):
+        feats = model.apply(v, x, train=False, features=True)
+        return feats, model.apply(v, x, train=False)
+
+    return jax.tree_util.tree_map(np.asarray, run(variables, x))
+
+
+def _assert_trees_equal(a, b):
+    fa, ta = jax.tree_util.tree_flatten_with_path(a)
+    fb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert ta == tb
+    for (path, x), (_, y) in zip(fa, fb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def _check_round_trip(tmodel: nn.Module, variables: dict, name: str, **kwargs):
+    exported = convert.to_torch(variables, name, **kwargs)
+    original = tmodel.state_dict()
+    assert set(exported) == set(original)
+    for key, value in original.items():
+        if not key.endswith("num_batches_tracked"):  # exported as zeros
+            assert torch.equal(exported[key], value), key
+    # strict=True: every torchvision key (num_batches_tracked included) and nothing else.
+    missing, unexpected = tmodel.load_state_dict(exported, strict=True)
+    assert not missing and not unexpected
+    _assert_trees_equal(convert.from_torch(exported, name, **kwargs), variables)
+    # Target names are taken verbatim when given (timm-style modules contain '_').
+    renamed = [k.replace("layer1.", "layer1_") for k in original]
+    via_keys = convert.to_torch(variables, name, keys=renamed, **kwargs)
+    assert set(via_keys) == set(renamed)
+    with pytest.raises(ConfigError, match="no target key for"):
+        convert.to_torch(variables, name, keys=renamed[1:], **kwargs)
+
+
+# ---------------------------------------------------------------- equivalence + round trip
+
+
+RESNETS = {
+    # name: (block, layers, kwargs, num_classes, image size)
+    "resnet18": (BasicBlock, (2, 2, 2, 2), {"width": 0.25, "stem": "imagenet"}, 10, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), {"width": 0.125, "stem": "cifar"}, 7, 16),
+}
+
+
+@pytest.mark.parametrize("name", list(RESNETS))
+def test_resnet_matches_torch_and_round_trips(name):
+    block, layers, kwargs, nc, size = RESNETS[name]
+    tmodel = randomize(ResNet(block, layers, nc, **kwargs), seed=1)
+    x = _image((2, 3, size, size))
+    with torch.no_grad():
+        t_feats, t_logits = tmodel.features(x).numpy(), tmodel(x).numpy()
+    assert 0.1 < np.abs(t_logits).max() < 100  # the tolerance below is meaningful
+
+    variables = convert.from_torch(tmodel.state_dict(), name, **kwargs)  # num_classes inferred
+    model = models.create(name, num_classes=nc, **kwargs)
+    feats, logits = _flax_outputs(model, variables, _nhwc(x))
+    np.testing.assert_allclose(feats, t_feats, **TOL)
+    np.testing.assert_allclose(logits, t_logits, **TOL)
+    _check_round_trip(tmodel, variables, name, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["large", "small"])
+def test_mobilenet_v3_matches_torch_and_round_trips(arch):
+    name, nc = f"mobilenet_v3_{arch}", 5
+    tmodel = randomize(MobileNetV3(arch, nc, width=0.5), seed=2)
+    x = _image((2, 3, 64, 64))
+    with torch.no_grad():
+        t_feats, t_logits = tmodel.pooled_features(x).numpy(), tmodel(x).numpy()
+    assert 0.1 < np.abs(t_logits).max() < 100
+
+    variables = convert.from_torch(tmodel.state_dict(), name, num_classes=nc, width=0.5)
+    model = models.create(name, num_classes=nc, width=0.5)
+    feats, logits = _flax_outputs(model, variables, _nhwc(x))
+    np.testing.assert_allclose(feats, t_feats, **TOL)
+    np.testing.assert_allclose(logits, t_logits, **TOL)
+    _check_round_trip(tmodel, variables, name, width=0.5)
+
+
+# ---------------------------------------------------------------- MoCo + CLI
+
+
+def _moco_checkpoint(path: str, width: float = 0.25, hidden: int = 48, seed: int = 3):
+    """A MoCo-v2 training checkpoint: encoder_q/encoder_k with an MLP fc, the queue, extras."""
+    enc = ResNet(BasicBlock, (2, 2, 2, 2), num_classes=0, width=width)
+    enc.fc = nn.Sequential(nn.Linear(enc.feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, 16))
+    randomize(enc, seed)
+    state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v.clone() for k, v in enc.state_dict().items()}
+    state |= {"module.queue": torch.randn(16, 32), "module.queue_ptr": torch.zeros(1)}
+    ckpt = {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {"lr": 0.03}}
+    torch.save(ckpt, path)
+    return enc
+
+
+def test_moco_checkpoint_to_encoder_and_cli(tmp_path, capsys):
+    path = str(tmp_path / "moco_v2.pth.tar")
+    enc = _moco_checkpoint(path)
+    x = _image((2, 3, 32, 32), seed=5)
+    with torch.no_grad():
+        t_feats = enc.features(x)
+        t_embed = enc.fc(t_feats).numpy()
+
+    variables = convert.from_torch(convert.load_torch_file(path), "resnet18", "moco", width=0.25)
+    assert set(variables["params"]) == {"backbone", "head"}
+    assert set(variables["batch_stats"]) == {"backbone"}
+    encoder = models.Encoder(
+        backbone=models.create("resnet18", num_classes=0, width=0.25),
+        head=models.create_head("mlp", out_dim=16, hidden_dim=48),
+    )
+    out = _jit(functools.partial(encoder.apply, train=False))(variables, _nhwc(x))
+    np.testing.assert_allclose(np.asarray(out["features"]), t_feats.numpy(), **TOL)
+    np.testing.assert_allclose(np.asarray(out["embedding"]), t_embed, **TOL)
+
+    # Export back into MoCo's encoder_q layout and re-import: exact.
+    exported = convert.to_torch(variables, "resnet18", prefix="module.encoder_q.", width=0.25)
+    assert "module.encoder_q.fc.0.weight" in exported
+    _assert_trees_equal(convert.from_torch(exported, "resnet18", "moco", width=0.25), variables)
+
+    # The CLI writes an encoder directory the trainer can load as a teacher.
+    out_dir = str(tmp_path / "teacher")
+    argv = ["moco", "resnet18", path, out_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded, manifest = checkpoint.load_encoder(out_dir)
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    assert manifest["source_sha256"] == sha
+    assert manifest["source_format"] == "moco"
+    assert manifest["source_file"] == os.path.abspath(path)
+    assert (manifest["model"], manifest["model_kwargs"]) == ("resnet18", {"width": 0.25})
+    assert (manifest["head"], manifest["head_hidden"], manifest["embed_dim"]) == ("mlp", 48, 16)
+    _assert_trees_equal(loaded, jax.tree_util.tree_map(np.asarray, variables))
+
+
+def test_cli_torchvision_drops_classifier_and_errors(tmp_path, capsys):
+    tmodel = randomize(ResNet(BasicBlock, (2, 2, 2, 2), 10, width=0.25, stem="cifar"), seed=4)
+    path = str(tmp_path / "sup.pth")
+    torch.save(tmodel.state_dict(), path)
+    out_dir = str(tmp_path / "enc")
+    argv = ["torchvision", "resnet18", path, out_dir]
+    assert convert_main([*argv, "--model-kwarg", "width=0.25", "--model-kwarg", "stem=cifar"]) == 0
+    loaded, manifest = checkpoint.load_encoder(out_dir)
+    assert (manifest["head"], manifest["embed_dim"], manifest["source_num_classes"]) == (
+        "identity",
+        tmodel.feature_dim,
+        10,
+    )
+    assert "fc" not in loaded["params"]["backbone"]  # the classifier was checked, then dropped
+    direct = convert.from_torch(tmodel.state_dict(), "resnet18", width=0.25, stem="cifar")
+    _assert_trees_equal(loaded["params"]["backbone"]["layer4_1"], direct["params"]["layer4_1"])
+
+    # Wrong options: one `error:` line, exit status 2.
+    assert convert_main([*argv, "--model-kwarg", "width=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "wrong shape" in err
+    proc = subprocess.run(
+        [sys.executable, "-m", "disco_jax.convert", "moco", "resnet18", "/nonexistent.pth", "o"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: checkpoint file '/nonexistent.pth' not found"
+
+
+# ---------------------------------------------------------------- mismatch errors
+
+
+@pytest.fixture(scope="module")
+def small_state():
+    tmodel = randomize(ResNet(BasicBlock, (2, 2, 2, 2), 10, width=0.25), seed=6)
+    return dict(tmodel.state_dict())
+
+
+def _convert(state, **kw):
+    return convert.from_torch(state, "resnet18", width=0.25, **kw)
+
+
+def test_renamed_key_is_reported(small_state):
+    state = dict(small_state)
+    state["layer1.0.convX.weight"] = state.pop("layer1.0.conv1.weight")
+    with pytest.raises(ConfigError, match=r"missing 1 key\(s\): layer1\.0\.conv1\.weight") as e:
+        _convert(state)
+    assert "unexpected 1 key(s): layer1.0.convX.weight" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_key_is_reported_unless_ignored(small_state):
+    state = dict(small_state)
+    del state["bn1.running_var"]
+    with pytest.raises(ConfigError, match=r"missing 1 key\(s\): bn1\.running_var"):
+        _convert(state)
+    # Ignored on purpose: the variable keeps a fresh initialisation (ones for a variance).
+    variables = _convert(state, ignore=["bn1.running_var"])
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"], 1.0)
+
+
+def test_wrong_shape_is_reported(small_state):
+    state = dict(small_state)
+    state["layer2.0.conv2.weight"] = torch.zeros(32, 32, 5, 5)
+    with pytest.raises(ConfigError, match=r"wrong shape for 1 key\(s\): layer2\.0\.conv2\.weight"):
+        _convert(state)
+    with pytest.raises(ConfigError, match=r"checkpoint \(32, 32, 5, 5\), model \(32, 32, 3, 3\)"):
+        _convert(state)
+
+
+def test_long_lists_are_truncated_and_wrong_format_is_explained(small_state):
+    state = {f"encoder.{k}": v for k, v in small_state.items()}
+    with pytest.raises(ConfigError, match=r"and \d+ more.*no key matched at all") as e:
+        _convert(state)
+    assert len(str(e.value)) < 2000
+
+
+def test_classifier_size_and_ignore_patterns(small_state):
+    with pytest.raises(ConfigError, match=r"wrong shape for 2 key\(s\): fc\.bias .*fc\.weight"):
+        _convert(small_state, num_classes=1000)
+    # A new classifier on purpose: fresh fc, everything else from the checkpoint.
+    variables = _convert(small_state, num_classes=1000, ignore=["fc.*"])
+    assert variables["params"]["fc"]["kernel"].shape == (512 // 4, 1000)
+    np.testing.assert_array_equal(
+        variables["params"]["conv1"]["kernel"],
+        small_state["conv1.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+
+
+def test_swav_projection_head_needs_explicit_ignore(small_state):
+    backbone = {k: v for k, v in small_state.items() if not k.startswith("fc.")}
+    state = {f"module.{k}": v for k, v in backbone.items()}
+    state |= {
+        "module.projection_head.0.weight": torch.zeros(64, 128),
+        "module.projection_head.1.running_mean": torch.zeros(64),
+        "module.prototypes.weight": torch.zeros(30, 16),
+    }
+    with pytest.raises(ConfigError, match=r"projection head.*--ignore 'projection_head\.\*'"):
+        convert.from_torch(state, "resnet18", "swav", width=0.25)
+    variables = convert.from_torch(
+        state, "resnet18", "swav", ignore=["projection_head.*"], width=0.25
+    )
+    _assert_trees_equal(variables, _convert(backbone))
+    with pytest.raises(ConfigError, match="unknown source format 'simclr'"):
+        convert.from_torch(state, "resnet18", "simclr")
+
+
+# ---------------------------------------------------------------- unsafe / broken files
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "evil.pth")
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Payload(str(marker))}, path)
+    with pytest.raises(ConfigError, match="NOT executed"):
+        convert.load_torch_file(path)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="NOT executed"):
+        convert.convert_file("torchvision", "resnet18", path, str(tmp_path / "out"))
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_and_truncated_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        convert.load_torch_file(str(tmp_path / "nope.pth"))
+    path = tmp_path / "cut.pth"
+    torch.save({"w": torch.zeros(1000)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="truncated"):
+        convert.load_torch_file(str(path))
