@@ -84,7 +84,7 @@ def _tiny(name: str, **kwargs):
 
 
 def test_registry_lists_every_architecture():
-    assert sorted(models.list_models()) == sorted(TORCHVISION_PARAMS)
+    assert set(TORCHVISION_PARAMS) <= set(models.list_models())
     assert sorted(models.list_heads()) == ["identity", "linear", "mlp"]
 
 

@@ -5,7 +5,12 @@
 float images; it returns logits (N, num_classes), or the pooled pre-logit features (N, d) when
 ``features=True`` or ``num_classes=0``. Options: ``width`` (channel multiplier), ``dtype``
 (compute dtype; params stay float32), ResNet ``stem`` ('imagenet' or 'cifar'), MobileNetV3
-``dropout``. Module names mirror torchvision's (see `resnet` and `mobilenetv3` docstrings).
+``dropout``, EfficientNet ``dropout`` / ``stochastic_depth_prob``. Module names mirror the
+source implementation's state_dict paths ('.' -> '_'): torchvision's for ResNets,
+wide_resnet50_2, MobileNetV3 and EfficientNet, SwAV's (torchvision-like) for ``swav_resnet50w*``,
+timm's for ``mobilenetv3_*_100`` and winycg/MCL's for the CIFAR nets (``resnet32/56/110``,
+``wrn_*``; 32x32 inputs; pass ``num_classes=100`` for CIFAR-100, the default stays 1000). See
+each module's docstring.
 
 ``create_head(name, out_dim, hidden_dim, dtype)`` builds a projection head, and
 ``Encoder(backbone, head)`` combines the two.
@@ -22,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from disco_jax.errors import ConfigError, unknown_name
-from disco_jax.models import mobilenetv3, resnet
+from disco_jax.models import cifar, efficientnet, mobilenetv3, resnet
 from disco_jax.models.heads import Encoder, IdentityHead, LinearHead, MLPHead
 
 __all__ = ["Encoder", "create", "create_head", "list_heads", "list_models", "model_options"]
@@ -35,6 +40,21 @@ _MODELS: dict[str, partial[nn.Module]] = {
     "resnet152": resnet.resnet152,
     "mobilenet_v3_large": mobilenetv3.mobilenet_v3_large,
     "mobilenet_v3_small": mobilenetv3.mobilenet_v3_small,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
+    "swav_resnet50w2": resnet.swav_resnet50w2,
+    "swav_resnet50w4": resnet.swav_resnet50w4,
+    "swav_resnet50w5": resnet.swav_resnet50w5,
+    "efficientnet_b0": efficientnet.efficientnet_b0,
+    "efficientnet_b1": efficientnet.efficientnet_b1,
+    "mobilenetv3_large_100": efficientnet.mobilenetv3_large_100,
+    "mobilenetv3_small_100": efficientnet.mobilenetv3_small_100,
+    # CIFAR networks of MCL (3x3 stem, 32x32 inputs).
+    "resnet32": cifar.resnet32,
+    "resnet56": cifar.resnet56,
+    "resnet110": cifar.resnet110,
+    "wrn_16_2": cifar.wrn_16_2,
+    "wrn_40_2": cifar.wrn_40_2,
+    "wrn_28_4": cifar.wrn_28_4,
 }
 
 

@@ -1,4 +1,12 @@
-"""ResNet-18/34/50/101/152 in Flax Linen, laid out like torchvision's ResNet (v1.5).
+"""ResNets in Flax Linen: torchvision ResNet-18/34/50/101/152 (v1.5), wide_resnet50_2, SwAV.
+
+Also here: torchvision's ``wide_resnet50_2`` (only the bottleneck's inner 3x3 width doubled,
+``width_per_group=128``) and SwAV's ``resnet50w2/w4/w5`` (facebookresearch/swav
+``src/resnet50.py``: every width, stem included, times w; registered as ``swav_resnet50w{w}``).
+SwAV's module names are torchvision's, so the same rule below maps them; its stem is a
+``padding`` ConstantPad2d(1) followed by a 7x7/2 conv with padding 2, which is the same zero
+padding of 3 that torchvision uses, so it is one padded conv here (``padding`` has no params).
+SwAV checkpoints have no classifier; ``fc`` here is a linear-probe head like torchvision's.
 
 Naming rule (for a torchvision state_dict converter): joining the module components of a Flax
 variable path with '_' gives the torchvision module path with '.' replaced by '_'. For example
@@ -102,17 +110,26 @@ class Bottleneck(nn.Module):
     dtype: Dtype = jnp.float32
 
     expansion: ClassVar[int] = 4
+    # torchvision's inner width is planes * width_per_group / 64 (128 for wide_resnet50_2).
+    width_per_group: ClassVar[int] = 64
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         out = self.planes * self.expansion
-        y = _conv(self.planes, 1, 1, self.dtype, "conv1")(x)
+        inner = self.planes * self.width_per_group // 64
+        y = _conv(inner, 1, 1, self.dtype, "conv1")(x)
         y = nn.relu(_bn(train, self.dtype, "bn1")(y))
-        y = _conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)
+        y = _conv(inner, 3, self.stride, self.dtype, "conv2")(y)
         y = nn.relu(_bn(train, self.dtype, "bn2")(y))
         y = _conv(out, 1, 1, self.dtype, "conv3")(y)
         y = _bn(train, self.dtype, "bn3")(y)
         return nn.relu(y + _shortcut(x, out, self.stride, train, self.dtype))
+
+
+class WideBottleneck(Bottleneck):
+    """torchvision's wide_resnet50/101_2 block: the 1x1 -> 3x3 -> 1x1 inner width doubled."""
+
+    width_per_group: ClassVar[int] = 128
 
 
 class ResNet(nn.Module):
@@ -124,12 +141,15 @@ class ResNet(nn.Module):
     width: float = 1.0
     stem: str = "imagenet"
     dtype: Dtype = jnp.float32
+    # SwAV's integer widening: stem and every stage width times this (unlike ``width`` it is
+    # part of the architecture's name, so the registry fixes it rather than exposing it).
+    widen: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
         if self.stem not in STEMS:
             raise unknown_name("stem", self.stem, STEMS)
-        base = max(1, round(64 * self.width))
+        base = max(1, round(64 * self.width * self.widen))
         if self.stem == "imagenet":
             x = _conv(base, 7, 2, self.dtype, "conv1")(x)
             x = nn.relu(_bn(train, self.dtype, "bn1")(x))
@@ -158,8 +178,15 @@ class ResNet(nn.Module):
         )(x)
 
 
-resnet18 = partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2))
-resnet34 = partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3))
-resnet50 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3))
-resnet101 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 23, 3))
-resnet152 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 8, 36, 3))
+# ``widen`` is bound in every constructor so that it is not a user option (`model_options`).
+resnet18 = partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2), widen=1)
+resnet34 = partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3), widen=1)
+resnet50 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3), widen=1)
+resnet101 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 23, 3), widen=1)
+resnet152 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 8, 36, 3), widen=1)
+wide_resnet50_2 = partial(ResNet, block=WideBottleneck, stage_sizes=(3, 4, 6, 3), widen=1)
+# SwAV: resnet50 with widen=w; the backbone (no fc) has 23.5M (w1), 93.9M (w2), 375.4M (w4)
+# and 586.5M (w5) parameters, matching SwAV's README (94M, 375M, 586M).
+swav_resnet50w2 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3), widen=2)
+swav_resnet50w4 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3), widen=4)
+swav_resnet50w5 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3), widen=5)

@@ -1,0 +1,343 @@
+"""EfficientNet-B0/B1 (torchvision layout) and timm's MobileNetV3 (timm layout) in Flax Linen.
+
+Both are built from the same pieces (conv-BN-act, depthwise conv, squeeze-excite), which is
+why timm's MobileNetV3 lives here: timm builds it with its EfficientNet builder.
+
+Naming rule (for a state_dict converter): joining the module components of a Flax variable
+path with '_' gives the torch module path with '.' replaced by '_'. Leaf names map as in
+`disco_jax.models.resnet`; depthwise kernels are (kh, kw, 1, C) vs torch's (C, 1, kh, kw).
+
+- torchvision ``efficientnet_b0/b1``: the stem is ``features_0_0`` (conv) / ``features_0_1``
+  (BN); block j of stage s is a submodule ``features_{s}_{j}`` whose children continue the torch
+  path (``block_{k}_0`` conv, ``block_{k}_1`` BN, ``block_{k}_fc1`` / ``block_{k}_fc2`` for the
+  squeeze-excite), so ``params['features_2_0']['block_2_fc1']['bias']`` is torch
+  ``features.2.0.block.2.fc1.bias``. The head conv is ``features_8_0/1`` and the classifier
+  Linear ``classifier_1`` (``classifier.0`` is the dropout). BN eps 1e-5 and torch momentum 0.1
+  (eps 1e-3 is only for B5-B7 and V2). The feature is the pooled 1280-d head output.
+- timm ``mobilenetv3_large_100/small_100``: ``conv_stem``, ``bn1``, block j of stage i is
+  ``blocks_{i}_{j}`` with timm's children (depthwise-separable first block: ``conv_dw``, ``bn1``,
+  ``se_conv_reduce``, ``se_conv_expand``, ``conv_pw``, ``bn2``; inverted residuals: ``conv_pw``,
+  ``bn1``, ``conv_dw``, ``bn2``, ``se_conv_reduce``, ``se_conv_expand``, ``conv_pwl``, ``bn3``;
+  the last stage is a 1x1 ``conv`` + ``bn1``), then ``conv_head`` (a 1x1 conv *with bias* on
+  the pooled map, kernel (1, 1, 960, 1280)) and ``classifier``. timm's BatchNormAct2d keeps the
+  plain BN state_dict names. timm uses torch's default BN (eps 1e-5, momentum 0.1), not the
+  eps 1e-3 / momentum 0.01 of torchvision's MobileNetV3. The feature is the 1280-d (Large) or
+  1024-d (Small) ``conv_head`` + Hardswish output, before timm's dropout.
+
+Differences on purpose: ``width`` scales every channel count (timm keeps its 1280/1024 head
+width fixed; here it scales too, so tiny test models stay tiny); stochastic depth defaults to
+off (torchvision uses 0.2 at train time, which would need a 'dropout' rng in every train step);
+timm's classifier dropout defaults to 0 as in timm's constructor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from disco_jax.models.mobilenetv3 import ARCHS, BlockConfig, make_divisible
+from disco_jax.models.resnet import CONV_INIT
+
+Dtype = Any
+Activation = Callable[[jnp.ndarray], jnp.ndarray]
+
+# torch momentum 0.1 -> Flax 0.9; both torchvision EfficientNet-B0/B1 and timm MobileNetV3 use
+# torch's BatchNorm2d defaults.
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+# torchvision EfficientNet: Linear weight U(+-1/sqrt(out_features)), bias 0.
+EFFNET_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+def _goog_conv_init(groups: int) -> nn.initializers.Initializer:
+    """timm's ``_init_weight_goog`` conv init: N(0, 2 / fan_out) with fan_out divided by groups.
+
+    Flax's fan_out of a depthwise kernel (kh, kw, 1, C) is kh*kw*C; timm divides by the groups.
+    """
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        fan_out = shape[0] * shape[1] * shape[-1] // groups
+        return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / fan_out)
+
+    return init
+
+
+def _conv(
+    features: int,
+    kernel: int,
+    name: str,
+    dtype: Dtype,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    kernel_init: nn.initializers.Initializer = CONV_INIT,
+) -> nn.Conv:
+    # Symmetric (k - 1) // 2 padding as torch and timm's default padding='' use.
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=(kernel - 1) // 2,
+        feature_group_count=groups,
+        use_bias=bias,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
+        # depend on how the batch was split over devices.
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision EfficientNet-B0/B1
+
+
+class MBConvConfig(NamedTuple):
+    """One stage, in torchvision's ``MBConvConfig`` order (before width/depth scaling)."""
+
+    expand_ratio: int
+    kernel: int
+    stride: int
+    in_ch: int
+    out_ch: int
+    num_layers: int
+
+
+_B0_STAGES = (
+    MBConvConfig(1, 3, 1, 32, 16, 1),
+    MBConvConfig(6, 3, 2, 16, 24, 2),
+    MBConvConfig(6, 5, 2, 24, 40, 2),
+    MBConvConfig(6, 3, 2, 40, 80, 3),
+    MBConvConfig(6, 5, 1, 80, 112, 3),
+    MBConvConfig(6, 5, 2, 112, 192, 4),
+    MBConvConfig(6, 3, 1, 192, 320, 1),
+)
+# name -> (width_mult, depth_mult); torchvision's classifier dropout is 0.2 for both.
+EFFICIENTNET_ARCHS: dict[str, tuple[float, float]] = {"b0": (1.0, 1.0), "b1": (1.0, 1.1)}
+
+
+class MBConv(nn.Module):
+    """torchvision's MBConv: [expand 1x1] -> depthwise kxk -> SE -> project 1x1 (+ residual)."""
+
+    expand_ratio: int
+    kernel: int
+    stride: int
+    in_ch: int  # already width-scaled
+    out_ch: int
+    drop_prob: float = 0.0  # stochastic depth ("row" mode), only at train time
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dtype = self.dtype
+        expanded = make_divisible(self.in_ch * self.expand_ratio)
+        y = x
+        # torch numbers the block's children consecutively; the expand conv is optional.
+        k = 0
+        if expanded != self.in_ch:
+            y = _conv(expanded, 1, f"block_{k}_0", dtype)(y)
+            y = nn.silu(_bn(train, dtype, f"block_{k}_1")(y))
+            k += 1
+        y = _conv(expanded, self.kernel, f"block_{k}_0", dtype, self.stride, expanded)(y)
+        y = nn.silu(_bn(train, dtype, f"block_{k}_1")(y))
+        k += 1
+        # The squeeze width comes from the block *input* channels, not the expanded ones.
+        squeeze = max(1, self.in_ch // 4)
+        s = jnp.mean(y, axis=(1, 2), keepdims=True)
+        s = nn.silu(_conv(squeeze, 1, f"block_{k}_fc1", dtype, bias=True)(s))
+        y = y * nn.sigmoid(_conv(expanded, 1, f"block_{k}_fc2", dtype, bias=True)(s))
+        k += 1
+        y = _conv(self.out_ch, 1, f"block_{k}_0", dtype)(y)
+        y = _bn(train, dtype, f"block_{k}_1")(y)
+        if self.stride == 1 and self.in_ch == self.out_ch:
+            if train and self.drop_prob > 0:
+                # torchvision StochasticDepth(mode="row"): drop the branch per sample and
+                # rescale survivors by 1 / survival rate.
+                keep = 1.0 - self.drop_prob
+                mask = jax.random.bernoulli(
+                    self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1)
+                )
+                y = jnp.where(mask, y / keep, 0).astype(y.dtype)
+            y = y + x
+        return y
+
+
+class EfficientNet(nn.Module):
+    """A torchvision-compatible EfficientNet-B0/B1; ``num_classes=0`` drops ``classifier_1``."""
+
+    arch: str  # a key of EFFICIENTNET_ARCHS
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout: float = 0.2
+    # torchvision trains with 0.2; 0 keeps train steps free of a 'dropout' rng requirement.
+    stochastic_depth_prob: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+        width_mult, depth_mult = EFFICIENTNET_ARCHS[self.arch]
+        dtype = self.dtype
+        ch = lambda c: make_divisible(c * width_mult * self.width)
+        depths = [int(math.ceil(s.num_layers * depth_mult)) for s in _B0_STAGES]
+        total = sum(depths)
+
+        x = _conv(ch(_B0_STAGES[0].in_ch), 3, "features_0_0", dtype, stride=2)(x)
+        x = nn.silu(_bn(train, dtype, "features_0_1")(x))
+        block_id = 0
+        for s, (cfg, depth) in enumerate(zip(_B0_STAGES, depths, strict=True), start=1):
+            for j in range(depth):
+                x = MBConv(
+                    cfg.expand_ratio,
+                    cfg.kernel,
+                    cfg.stride if j == 0 else 1,
+                    ch(cfg.in_ch) if j == 0 else ch(cfg.out_ch),
+                    ch(cfg.out_ch),
+                    # torchvision ramps the drop rate linearly over all blocks.
+                    self.stochastic_depth_prob * block_id / total,
+                    dtype,
+                    name=f"features_{s}_{j}",
+                )(x, train)
+                block_id += 1
+        last = f"features_{len(_B0_STAGES) + 1}"
+        x = _conv(4 * ch(_B0_STAGES[-1].out_ch), 1, f"{last}_0", dtype)(x)
+        x = nn.silu(_bn(train, dtype, f"{last}_1")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        if features or self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_0")(x)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=EFFNET_LINEAR_INIT,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name="classifier_1",
+        )(x)
+
+
+efficientnet_b0 = partial(EfficientNet, arch="b0")
+efficientnet_b1 = partial(EfficientNet, arch="b1")
+
+
+# --------------------------------------------------------------------------------------------
+# timm MobileNetV3 (mobilenetv3_large_100 / mobilenetv3_small_100)
+
+# Blocks per timm stage (the arch_def rows of ``_gen_mobilenet_v3``); the block configs are
+# torchvision's (`mobilenetv3.ARCHS`), which timm's arch strings decode to exactly: timm's
+# mid = make_divisible(in * exp_ratio) gives the same 64, 72, 120, 240, 200, 184, 480, 672, 960
+# (Large) and 16, 72, 88, 96, 240, 120, 144, 288, 576 (Small), and its SE width
+# make_divisible(mid * 0.25) equals torchvision's make_divisible(mid // 4).
+TIMM_STAGES: dict[str, tuple[int, ...]] = {
+    "large": (1, 2, 3, 4, 2, 3),
+    "small": (1, 2, 3, 2, 3),
+}
+# timm ``_init_weight_goog``: Linear U(+-1/sqrt(out_features)), bias 0.
+TIMM_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+
+class TimmBlock(nn.Module):
+    """timm's DepthwiseSeparableConv (``depthwise=True``) or InvertedResidual block."""
+
+    cfg: BlockConfig  # channel counts already width-scaled
+    depthwise: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        cfg, dtype = self.cfg, self.dtype
+        act = nn.hard_swish if cfg.use_hs else nn.relu
+        conv = lambda n, k, name, stride=1, groups=1: _conv(
+            n, k, name, dtype, stride, groups, kernel_init=_goog_conv_init(groups)
+        )
+        y = x
+        bn = 1
+        if not self.depthwise:
+            y = act(_bn(train, dtype, "bn1")(conv(cfg.expanded, 1, "conv_pw")(y)))
+            bn = 2
+        y = conv(cfg.expanded, cfg.kernel, "conv_dw", cfg.stride, cfg.expanded)(y)
+        y = act(_bn(train, dtype, f"bn{bn}")(y))
+        if cfg.use_se:
+            # timm SqueezeExcite with force_act_layer=ReLU and a hard-sigmoid gate.
+            se = lambda n, name: _conv(n, 1, name, dtype, bias=True, kernel_init=_goog_conv_init(1))
+            s = jnp.mean(y, axis=(1, 2), keepdims=True)
+            s = nn.relu(se(make_divisible(cfg.expanded * 0.25), "se_conv_reduce")(s))
+            y = y * nn.hard_sigmoid(se(cfg.expanded, "se_conv_expand")(s))
+        # No activation after the projection in either block type (timm's pw_act=False).
+        y = conv(cfg.out_ch, 1, "conv_pw" if self.depthwise else "conv_pwl")(y)
+        y = _bn(train, dtype, f"bn{bn + 1}")(y)
+        if cfg.stride == 1 and cfg.in_ch == cfg.out_ch:
+            y = y + x
+        return y
+
+
+class TimmMobileNetV3(nn.Module):
+    """timm's MobileNetV3 with its module names; ``num_classes=0`` drops ``classifier``."""
+
+    arch: str  # a key of TIMM_STAGES
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+        blocks, num_features = ARCHS[self.arch]
+        dtype = self.dtype
+        ch = lambda c: make_divisible(c * self.width)
+        goog = _goog_conv_init(1)
+        # timm's fix_stem: below width 0.75 the stem stays at 16 channels.
+        stem = 16 if self.width < 0.75 else ch(16)
+        x = _conv(stem, 3, "conv_stem", dtype, stride=2, kernel_init=goog)(x)
+        x = nn.hard_swish(_bn(train, dtype, "bn1")(x))
+        i = 0
+        for stage, n in enumerate(TIMM_STAGES[self.arch]):
+            for j in range(n):
+                b = blocks[i]
+                in_ch = stem if i == 0 else ch(b.in_ch)
+                cfg = b._replace(in_ch=in_ch, expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+                x = TimmBlock(cfg, i == 0, dtype, name=f"blocks_{stage}_{j}")(x, train)
+                i += 1
+        last = f"blocks_{len(TIMM_STAGES[self.arch])}_0"
+        x = _conv(6 * ch(blocks[-1].out_ch), 1, f"{last}_conv", dtype, kernel_init=goog)(x)
+        x = nn.hard_swish(_bn(train, dtype, f"{last}_bn1")(x))
+        # timm's "efficient head": pool first, then a 1x1 conv with bias and no BN.
+        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+        head = _conv(ch(num_features), 1, "conv_head", dtype, bias=True, kernel_init=goog)
+        x = nn.hard_swish(head(x)).reshape(x.shape[0], -1)
+        if features or self.num_classes == 0:
+            return x
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)  # F.dropout in timm: no module
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=TIMM_LINEAR_INIT,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name="classifier",
+        )(x)
+
+
+# Parameter counts (1000 classes) equal torchvision's MobileNetV3: 5,483,032 (Large) and
+# 2,542,856 (Small), i.e. timm's reported 5.48M / 2.54M. Derivation: the blocks have the same
+# channel counts (see TIMM_STAGES), every conv is bias-free except SE convs in both, every BN has
+# 2C params in both, and timm's conv_head (960*1280 + 1280) has exactly the params of
+# torchvision's classifier.0 Linear(960, 1280); only names and layouts differ.
+mobilenetv3_large_100 = partial(TimmMobileNetV3, arch="large")
+mobilenetv3_small_100 = partial(TimmMobileNetV3, arch="small")
