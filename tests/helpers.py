@@ -6,6 +6,10 @@ import importlib.util
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +31,17 @@ def load_config(spec: str, data_dir: str | None = None):
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def random_variables(variables):
+    """Numpy-filled model variables (fan-in scaled kernels, unit BN): no compiled init needed."""
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
+        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, variables)

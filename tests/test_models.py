@@ -15,6 +15,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
+from tests.helpers import random_variables
 
 # torchvision 1000-class parameter counts (parameters only, no BN buffers).
 TORCHVISION_PARAMS = {
@@ -59,17 +60,7 @@ def _random_variables(model, x_shape):
     Much faster than running ``model.init`` (whose random-number code XLA must compile); the
     real initialisation is checked separately in `test_resnet_init_is_torchvision_like`.
     """
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
-        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, jnp.float32)
-
-    variables, _ = _shapes(model, x_shape)
-    return jax.tree_util.tree_map_with_path(fill, variables)
+    return random_variables(_shapes(model, x_shape)[0])
 
 
 def _count(tree) -> int:

@@ -16,6 +16,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
+from tests.helpers import random_variables
 from tests.test_models import TORCHVISION_PARAMS
 
 
@@ -202,19 +203,6 @@ def test_module_names_follow_the_source_layouts():
     assert r110["params"]["layer3_11"]["conv3"]["kernel"].shape == (1, 1, 64, 256)
 
 
-def _random_variables(variables):
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), jnp.float32)
-        return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, variables)
-
-
 # One small network per new family, run for real: a train-mode step (BN statistics update,
 # dropout / stochastic depth rngs) and an eval forward with the updated statistics.
 # The gradient is taken only where it is cheap enough to compile: MobileNetV3's timm blocks
@@ -233,7 +221,7 @@ def test_tiny_train_step_and_eval(name):
     kwargs, with_grad = _TINY[name]
     model = models.create(name, num_classes=10, **kwargs)
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-    variables = _random_variables(_shapes(model, x.shape)[0])
+    variables = random_variables(_shapes(model, x.shape)[0])
 
     def loss_fn(params, stats):
         out, updates = model.apply(

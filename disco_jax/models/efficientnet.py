@@ -41,8 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from disco_jax.models import layers
 from disco_jax.models.mobilenetv3 import ARCHS, BlockConfig, make_divisible
-from disco_jax.models.resnet import CONV_INIT
 
 Dtype = Any
 Activation = Callable[[jnp.ndarray], jnp.ndarray]
@@ -68,43 +68,11 @@ def _goog_conv_init(groups: int) -> nn.initializers.Initializer:
     return init
 
 
-def _conv(
-    features: int,
-    kernel: int,
-    name: str,
-    dtype: Dtype,
-    stride: int = 1,
-    groups: int = 1,
-    bias: bool = False,
-    kernel_init: nn.initializers.Initializer = CONV_INIT,
-) -> nn.Conv:
-    # Symmetric (k - 1) // 2 padding as torch and timm's default padding='' use.
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=(kernel - 1) // 2,
-        feature_group_count=groups,
-        use_bias=bias,
-        kernel_init=kernel_init,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+_conv = layers.conv
 
 
 def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
-        # depend on how the batch was split over devices.
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from disco_jax.models import layers
 from disco_jax.models.resnet import CONV_INIT
 
 Dtype = Any
@@ -105,29 +106,10 @@ def _conv_bn_act(
 
     Called from inside a compact method, so the layers become children of that module.
     """
-    x = nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=(kernel - 1) // 2,
-        feature_group_count=groups,
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=f"{prefix}_0",
+    x = layers.conv(
+        features, kernel, f"{prefix}_0", dtype, stride, groups, kernel_init=CONV_INIT
     )(x)
-    x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=bn_momentum,
-        epsilon=BN_EPS,
-        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
-        # depend on how the batch was split over devices.
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=f"{prefix}_1",
-    )(x)
+    x = layers.batch_norm(train, dtype, f"{prefix}_1", bn_momentum, BN_EPS)(x)
     return x if act is None else act(x)
 
 

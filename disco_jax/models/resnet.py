@@ -31,11 +31,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from disco_jax.errors import unknown_name
+from disco_jax.models import layers
 
 Dtype = Any
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), an untruncated normal.
-CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+CONV_INIT = layers.CONV_INIT
 # torch.nn.Linear's default kaiming_uniform_(a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -47,33 +48,11 @@ STEMS = ("imagenet", "cifar")
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-    # Explicit symmetric padding as torch does; 'SAME' would pad (2, 3) for the 7x7/2 stem.
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=(kernel - 1) // 2,
-        use_bias=False,
-        kernel_init=CONV_INIT,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return layers.conv(features, kernel, name, dtype, stride)
 
 
 def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-    # No axis_name: under jit with a batch-sharded input the batch mean is already global.
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
-        # depend on how the batch was split over devices.
-        use_fast_variance=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
+    return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
 
 
 def _shortcut(x: jnp.ndarray, out: int, stride: int, train: bool, dtype: Dtype) -> jnp.ndarray:

@@ -1,0 +1,59 @@
+"""Conv and BatchNorm as the torch models build them, shared by every model family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+# torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu") for convolutions.
+CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    features: int,
+    kernel: int,
+    name: str,
+    dtype: Dtype,
+    stride: int = 1,
+    groups: int = 1,
+    bias: bool = False,
+    kernel_init: nn.initializers.Initializer = CONV_INIT,
+) -> nn.Conv:
+    # Explicit symmetric (k - 1) // 2 padding as torch does; 'SAME' would pad a 7x7/2 stem
+    # (2, 3) and shift every feature map.
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=(kernel - 1) // 2,
+        feature_group_count=groups,
+        use_bias=bias,
+        kernel_init=kernel_init,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def batch_norm(
+    train: bool, dtype: Dtype, name: str, momentum: float = 0.9, eps: float = 1e-5
+) -> nn.BatchNorm:
+    """BN with torch's defaults (momentum 0.1 = Flax 0.9, eps 1e-5) unless told otherwise.
+
+    No axis_name: under jit with a batch-sharded input the batch mean is already global.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=momentum,
+        epsilon=eps,
+        # Two-pass variance: E[x^2] - E[x]^2 cancels badly in float32, which made results
+        # depend on how the batch was split over devices.
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
