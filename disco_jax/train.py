@@ -144,7 +144,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     # ---- steps and schedule.
-    steps_per_epoch = max(1, source.num_examples(config.data.train_split) // config.batch_size)
+    # The pipeline's own epoch length, so per-epoch lr steps line up with its reshuffles.
+    steps_per_epoch = max(1, data.steps_per_epoch(
+        source, split=config.data.train_split,
+        local_batch=config.batch_size // jax.process_count(), process_count=jax.process_count(),
+    ))
     total_steps = num_train_steps(config, steps_per_epoch)
     schedule = optim.lr_schedule(
         base_lr=config.optimizer.base_lr,

@@ -151,7 +151,7 @@ def test_demo_smoke_runs_all_stages(tmp_path, data_dir):
     assert "| seed | seed | mobilenet_v3_large" in md
 
 
-def test_config_overrides_are_typed_and_locked():
+def test_config_arg_parsing_is_typed():
     cfg = config_lib.parse_arg("smoke,epochs=3", smoke=False, epochs=30)
     assert cfg.smoke is True and cfg.epochs == 3
 
