@@ -38,6 +38,7 @@ def encoder_config(model: str, *, head: str = "mlp", head_hidden: int = 0, **mod
             "head": head,
             "head_hidden": head_hidden,
             "embed_dim": 128,
+            "num_classes": 0,  # > 0: the backbone's classifier too (logits; SSLD, KD)
         }
     )
 
@@ -87,10 +88,12 @@ def base_config() -> mlc.ConfigDict:
             "name": "sgd",
             "base_lr": 0.03,  # per 256 images
             "momentum": 0.9,
+            "nesterov": False,
             "weight_decay": 1e-4,
             "weight_decay_mask": "all",
             "warmup_epochs": 0.0,
-            "decay": "cosine",
+            "decay": "cosine",  # or "step" (x0.1 at each of step_milestones) or "constant"
+            "step_milestones": (120, 160),  # epochs; MoCo-v1's 200-epoch schedule
             "granularity": "epoch",
             "scale_with_batch": True,
         }

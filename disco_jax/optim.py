@@ -88,7 +88,9 @@ def make_optimizer(
     if name == "sgd":
         return optax.chain(
             optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity(),
-            optax.sgd(schedule, momentum=cfg.get("momentum", 0.9), nesterov=False),
+            optax.sgd(
+                schedule, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)
+            ),
         )
     if name == "lars":
         return optax.lars(schedule, weight_decay=wd, momentum=cfg.get("momentum", 0.9))

@@ -39,22 +39,6 @@ def compute_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def build_encoder(net: Any, dtype: Any) -> models.Encoder:
-    """Backbone (pooled features) + projection head, from an encoder config or manifest."""
-    backbone = models.create(
-        net["model"], num_classes=0, dtype=dtype, **dict(net.get("model_kwargs", {}))
-    )
-    head = models.create_head(
-        net["head"], out_dim=net["embed_dim"], hidden_dim=net["head_hidden"] or None, dtype=dtype
-    )
-    return models.Encoder(backbone=backbone, head=head)
-
-
-def encoder_manifest(net: Any, **extra: Any) -> dict:
-    keys = ("model", "model_kwargs", "head", "head_hidden", "embed_dim")
-    return {k: (dict(net[k]) if k == "model_kwargs" else net[k]) for k in keys} | extra
-
-
 def num_train_steps(config: Any, steps_per_epoch: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -77,8 +61,7 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     compute_dtype(config.dtype)
     for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
         # Unknown names and options fail here, before anything is traced.
-        models.create(config[net].model, num_classes=0, **dict(config[net].model_kwargs))
-        models.create_head(config[net].head)
+        models.build_encoder(config[net])
     teacher_manifest = None
     if method.NEEDS_TEACHER:
         if not config.teacher.init:
@@ -117,6 +100,33 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: optim.Schedule,
+                    ctx: dict) -> Any:
+    """The pure train step `(state, batch, teacher_vars) -> (state, metrics)`, not yet jitted.
+
+    `run` jits it with explicit shardings and donates the state; benchmarks time this function.
+    """
+
+    def train_step(state: dict, batch: dict, teacher_vars: Any) -> tuple[dict, dict]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        loss_fn = functools.partial(
+            method.loss_fn, state=state, batch=batch, rng=rng, teacher_vars=teacher_vars, ctx=ctx
+        )
+        (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], upd)
+        new_state = {**state, **updates, "params": params, "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics = {**metrics, "loss": loss, "lr": schedule(state["step"]),
+                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+                   "update_norm": optax.tree.norm(upd)}
+        return new_state, metrics
+
+    return train_step
 
 
 # --------------------------------------------------------------------------- run
@@ -159,17 +169,18 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         decay=config.optimizer.decay,
         granularity=config.optimizer.granularity,
         scale_with_batch=config.optimizer.scale_with_batch,
+        step_milestones=tuple(config.optimizer.step_milestones),
     )
     tx = optim.make_optimizer(config.optimizer, schedule)
 
     # ---- models. The teacher is frozen, outside the optimizer and the checkpoints.
     dtype = compute_dtype(config.dtype)
-    student = build_encoder(config.student, dtype)
+    student = method.build_student(config, dtype)
     teacher, teacher_vars, meta = None, None, {"teacher": None}
     repl = sharding.replicated(mesh)
     if method.NEEDS_TEACHER:
         host_vars, teacher_manifest = checkpoint.load_encoder(config.teacher.init)
-        teacher = build_encoder(teacher_manifest, dtype)
+        teacher = method.build_teacher(teacher_manifest, dtype)
         teacher_vars = jax.device_put(host_vars, repl)
         meta["teacher"] = {
             "path": teacher_manifest["path"],
@@ -178,7 +189,8 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         log.info("teacher %s from %s (sha256 %s…)", teacher_manifest["model"],
                  teacher_manifest["path"], teacher_manifest["fingerprint"][:12])
     augment = functools.partial(data.mocov2_augment, **config.augment, out_dtype=dtype)
-    ctx = {"student": student, "teacher": teacher, "augment": augment, "config": config}
+    ctx = {"student": student, "teacher": teacher, "augment": augment, "config": config,
+           "mesh": mesh}
 
     # ---- train state, created directly with its shardings.
     size = config.data.image_size
@@ -222,29 +234,17 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
              config.student.model, f"{n_params:,}", dict(mesh.shape), total_steps,
              steps_per_epoch, config.batch_size)
 
-    # ---- the step: one jitted, donated, explicitly sharded pure function.
-    def train_step(state: dict, batch: dict, teacher_vars: Any) -> tuple[dict, dict]:
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        loss_fn = functools.partial(
-            method.loss_fn, state=state, batch=batch, rng=rng, teacher_vars=teacher_vars, ctx=ctx
-        )
-        (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
-        )
-        upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], upd)
-        new_state = {**state, **updates, "params": params, "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        metrics = {**metrics, "loss": loss, "lr": schedule(state["step"]),
-                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
-                   "update_norm": optax.tree.norm(upd)}
-        return new_state, metrics
-
-    views = method.views(config)
-    keys = ("image",) if views == 1 else ("view1", "view2")
-    batch_sh = {k: sharding.batch_sharding(mesh) for k in keys}
+    ds = data.train_dataset(
+        source, split=config.data.train_split, views=method.views(config), image_size=size,
+        crop_scale=tuple(config.data.crop_scale), flip_p=config.data.flip_p,
+        local_batch=config.batch_size // jax.process_count(), seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
+        **method.data_options(config),
+    )
+    batch_sh = {k: sharding.batch_sharding(mesh) for k in ds.element_spec}
     step_fn = jax.jit(
-        train_step,
+        make_train_step(method, tx, schedule, ctx),
         in_shardings=(state_sh, batch_sh, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=(0,),
@@ -252,9 +252,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
 
     # ---- evaluation of the frozen backbone.
     feature_fn = jax.jit(
-        lambda v, x: student.apply(v, data.normalize(x, out_dtype=dtype), train=False)[
-            "features"
-        ].astype(jnp.float32),
+        lambda v, x: method.eval_features(ctx, v, data.normalize(x, out_dtype=dtype)).astype(
+            jnp.float32
+        ),
         out_shardings=repl,
     )
 
@@ -286,18 +286,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
                                              writer=metrics_log.writer,
                                              every_steps=config.log_every_steps)
     end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
-    ds = data.train_dataset(
-        source, split=config.data.train_split, views=views, image_size=size,
-        crop_scale=tuple(config.data.crop_scale), flip_p=config.data.flip_p,
-        local_batch=config.batch_size // jax.process_count(), seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
-    )
     batches = data.global_iterator(ds, mesh)
     t0, t_last, step_last = time.time(), time.time(), start_step
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches)
-        state, metrics = step_fn(state, {k: batch[k] for k in keys}, teacher_vars)
+        state, metrics = step_fn(state, batch, teacher_vars)
         report(step, time.time())
         if step % config.log_every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -329,11 +322,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     if final_step >= total_steps:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables = jax.tree_util.tree_map(sharding.to_host, variables)
+        variables, manifest = method.export(config, variables)
         if is_main:
             checkpoint.save_encoder(
                 os.path.join(workdir, "encoder"), variables,
-                encoder_manifest(config.student, source="disco_jax", method=config.method,
-                                 step=final_step),
+                manifest | {"source": "disco_jax", "method": config.method, "step": final_step},
             )
         if config.eval.enabled:
             t_eval = time.time()

@@ -596,7 +596,7 @@ def convert_file(
         variables = result.variables
         head, hidden, embed_dim = result.head, result.head_hidden, result.embed_dim
 
-    # The trainer rebuilds exactly this Encoder from the manifest (train.build_encoder).
+    # The trainer rebuilds exactly this Encoder from the manifest (models.build_encoder).
     encoder = models.Encoder(
         backbone=models.create(name, num_classes=0, **model_kwargs),
         head=models.create_head(head, out_dim=embed_dim, hidden_dim=hidden or None),

@@ -193,11 +193,16 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     shuffle_buffer: int = 50_000,
+    small_crops: int = 0,
+    small_size: int = 96,
+    small_scale: tuple[float, float] = (0.05, 0.14),
 ) -> tf.data.Dataset:
     """Infinite stream of this process's training batches, a pure function of (seed, step).
 
     Yields `{"image", "label"}` (views=1) or `{"view1", "view2", "label"}` (views=2; one decode,
-    two independent crops). Images are uint8 (local_batch, S, S, 3); labels int64.
+    two independent crops). Images are uint8 (local_batch, S, S, 3); labels int64. With
+    `small_crops=n` (SwAV-style multi-crop) it also yields `crops`, uint8
+    (local_batch, n, small_size, small_size, 3), random-resized with `small_scale`.
     """
     if views not in (1, 2):
         raise ConfigError(f"views must be 1 or 2, got {views!r}")
@@ -207,6 +212,12 @@ def train_dataset(
         raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
     if start_step < 0:
         raise ConfigError(f"start_step must be >= 0, got {start_step}")
+    if small_crops:
+        _check_positive(small_crops=small_crops, small_size=small_size)
+        if not 0.0 < small_scale[0] <= small_scale[1] <= 1.0:
+            raise ConfigError(
+                f"small_scale must satisfy 0 < min <= max <= 1, got {small_scale!r}"
+            )
 
     shard = source.shard_size(split, process_index, process_count, drop_remainder=True)
     steps = shard // local_batch
@@ -243,6 +254,13 @@ def train_dataset(
                 out[f"view{v}"] = _random_view(
                     image, _fold_in(key, v), image_size, (lo, hi), flip_p
                 )
+        if small_crops:
+            # Keys 100+i: independent of the large views' keys 1, 2.
+            out["crops"] = tf.stack([
+                _random_view(image, _fold_in(key, 100 + i), small_size,
+                             tuple(small_scale), flip_p)
+                for i in range(small_crops)
+            ])
         return out
 
     # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.

@@ -1,31 +1,112 @@
 """Method registry: name -> module.
 
-A method is a small module with plain functions, plugged into the one trainer (`train.py`):
+A method is a small module with plain functions, plugged into the one trainer (`train.py`).
+Required:
 
-- `NEEDS_TEACHER: bool` and `views(config) -> int` (1: `batch["image"]`; 2: `view1`, `view2`);
-- `validate(config) -> None`: raise ConfigError for bad settings, before anything compiles;
-- `init_extra(config, rng, student_vars, ctx) -> dict`: extra train-state entries (queues,
-  momentum encoders, ...), traced inside the jitted, sharded initialisation;
 - `loss_fn(params, state, batch, rng, teacher_vars, ctx) -> (loss, (metrics, updates))`: the
   differentiated function; `updates` replaces train-state entries after the step (new BN
-  statistics, the enqueued queue, the momentum encoder).
+  statistics, the enqueued queue, the momentum encoder). `batch` holds every array the input
+  pipeline yields: `image` (1 view) or `view1`/`view2` (2 views), `label`, and `crops`
+  (N, n, s, s, 3) when `data_options` asks for small crops. `rng` is this step's key (augment
+  it, and pass a split of it as the `dropout` rng to the student).
 
-`ctx` is a dict of static things the trainer builds: `student` / `teacher` Encoder modules,
-`augment(rng, uint8_images) -> float images`, and `config`. Adding a method never touches the
-training loop.
+Optional (the defaults below apply when a module does not define them):
+
+- `NEEDS_TEACHER: bool` (False): the trainer loads `config.teacher.init` and checks it;
+- `views(config) -> int` (1): 1 gives `batch["image"]`, 2 gives `view1`, `view2`;
+- `data_options(config) -> dict` ({}): extra keyword arguments for `data.train_dataset`
+  (e.g. `small_crops=6`, `small_size=96`);
+- `validate(config) -> None`: raise ConfigError for bad settings, before anything compiles;
+- `build_student(config, dtype) -> nn.Module`: the trained network(s) (default: the encoder
+  of `config.student`); its `apply(..., train=False)` returns a dict with `features`;
+- `build_teacher(manifest, dtype) -> nn.Module`: the frozen teacher from its manifest;
+- `init_extra(config, rng, student_vars, ctx) -> dict` ({}): extra train-state entries
+  (queues, momentum encoders, banks), traced inside the jitted, sharded initialisation;
+- `eval_features(ctx, variables, images) -> (N, d)`: what kNN / linear evaluation sees
+  (default: the student's pooled backbone features);
+- `export(config, variables) -> (variables, manifest)`: what is written to `W/encoder`.
+
+`ctx` is a dict of static things the trainer builds: `student` / `teacher` modules,
+`augment(rng, uint8_images) -> float images`, `config` and `mesh`. Adding a method never touches
+the training loop.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import types
+from typing import Any
 
+from disco_jax import models
 from disco_jax.errors import unknown_name
 from disco_jax.methods import moco, seed
 
-METHODS: dict[str, ModuleType] = {"moco_v2": moco, "seed": seed}
+METHODS: dict[str, types.ModuleType] = {"moco_v2": moco, "seed": seed}
+
+ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")
 
 
-def get(name: str) -> ModuleType:
+def encoder_manifest(net: Any, **extra: Any) -> dict:
+    """The JSON manifest of an encoder config: enough to rebuild it with build_encoder."""
+    out = {}
+    for k in ENCODER_KEYS:
+        if k in net:
+            out[k] = dict(net[k]) if k == "model_kwargs" else net[k]
+    return out | extra
+
+
+def _views(config: Any) -> int:
+    return 1
+
+
+def _data_options(config: Any) -> dict:
+    return {}
+
+
+def _validate(config: Any) -> None:
+    return None
+
+
+def _build_student(config: Any, dtype: Any) -> Any:
+    return models.build_encoder(config.student, dtype)
+
+
+def _build_teacher(manifest: dict, dtype: Any) -> Any:
+    return models.build_encoder(manifest, dtype)
+
+
+def _init_extra(config: Any, rng: Any, student_vars: dict, ctx: dict) -> dict:
+    return {}
+
+
+def _eval_features(ctx: dict, variables: dict, images: Any) -> Any:
+    return ctx["student"].apply(variables, images, train=False)["features"]
+
+
+def _export(config: Any, variables: dict) -> tuple[dict, dict]:
+    return variables, encoder_manifest(config.student)
+
+
+DEFAULTS: dict[str, Any] = {
+    "NEEDS_TEACHER": False,
+    "views": _views,
+    "data_options": _data_options,
+    "validate": _validate,
+    "build_student": _build_student,
+    "build_teacher": _build_teacher,
+    "init_extra": _init_extra,
+    "eval_features": _eval_features,
+    "export": _export,
+}
+
+
+def get(name: str) -> types.SimpleNamespace:
+    """The method's functions, with the defaults filled in for those it does not define."""
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    return METHODS[name]
+    module = METHODS[name]
+    if not hasattr(module, "loss_fn"):
+        raise TypeError(f"method module {module.__name__} defines no loss_fn")
+    return types.SimpleNamespace(
+        name=name, **{k: getattr(module, k, v) for k, v in DEFAULTS.items()},
+        loss_fn=module.loss_fn,
+    )

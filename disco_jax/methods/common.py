@@ -17,13 +17,20 @@ def check_positive(config: Any, *names: str) -> None:
             raise ConfigError(f"loss.{name} must be positive, got {value}")
 
 
-def student_forward(params, state, images, ctx) -> tuple[dict, Any]:
-    """Student in train mode: returns its outputs and the updated BN statistics."""
+def student_forward(params, state, images, ctx, rng=None, batch_stats=None) -> tuple[dict, Any]:
+    """Student in train mode: returns its outputs and the updated BN statistics.
+
+    `rng` feeds dropout / stochastic depth (models without them ignore it). `batch_stats`
+    defaults to the state's; pass the output of a previous call to chain two forwards in one
+    step (DisCo runs the query encoder on both views).
+    """
     out, mutated = ctx["student"].apply(
-        {"params": params, "batch_stats": state["batch_stats"]},
+        {"params": params,
+         "batch_stats": state["batch_stats"] if batch_stats is None else batch_stats},
         images,
         train=True,
         mutable=["batch_stats"],
+        rngs=None if rng is None else {"dropout": rng},
     )
     return out, mutated["batch_stats"]
 

@@ -45,7 +45,7 @@ def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> di
 
 def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     cfg = ctx["config"].loss
-    rng_q, rng_k = jax.random.split(rng)
+    rng_q, rng_k, rng_drop = jax.random.split(rng, 3)
     x_q = ctx["augment"](rng_q, batch["view1"])
     x_k = ctx["augment"](rng_k, batch["view2"])
     # Momentum update before the forward, from the parameters as they are at this step.
@@ -57,9 +57,10 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
         x_k,
         train=True,
         mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(rng_drop, 1)},
     )
     k = jax.lax.stop_gradient(k_out["embedding"])
-    q_out, batch_stats = student_forward(params, state, x_q, ctx)
+    q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=rng_drop)
     loss = losses.moco_loss(q_out["embedding"], k, state["queue"]["feats"], cfg.temp)
     updates = {
         "batch_stats": batch_stats,

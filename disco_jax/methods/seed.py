@@ -33,9 +33,10 @@ def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> di
 
 def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     cfg = ctx["config"].loss
-    images = ctx["augment"](rng, batch["image"])
+    rng_aug, rng_drop = jax.random.split(rng)
+    images = ctx["augment"](rng_aug, batch["image"])
     t = frozen_forward(ctx["teacher"], teacher_vars, images)["embedding"]
-    s, batch_stats = student_forward(params, state, images, ctx)
+    s, batch_stats = student_forward(params, state, images, ctx, rng=rng_drop)
     loss = losses.seed_loss(
         s["embedding"], t, state["queue"]["feats"], cfg.student_temp, cfg.teacher_temp
     )

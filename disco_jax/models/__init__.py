@@ -13,7 +13,9 @@ timm's for ``mobilenetv3_*_100`` and winycg/MCL's for the CIFAR nets (``resnet32
 each module's docstring.
 
 ``create_head(name, out_dim, hidden_dim, dtype)`` builds a projection head, and
-``Encoder(backbone, head)`` combines the two.
+``Encoder(backbone, head)`` combines the two; ``build_encoder(net, dtype)`` builds one from an
+encoder config or manifest (``model``, ``model_kwargs``, ``head``, ``head_hidden``,
+``embed_dim`` and optional ``num_classes``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,24 @@ import jax.numpy as jnp
 
 from disco_jax.errors import ConfigError, unknown_name
 from disco_jax.models import cifar, efficientnet, mobilenetv3, resnet
-from disco_jax.models.heads import Encoder, IdentityHead, LinearHead, MLPHead
+from disco_jax.models.heads import (
+    Encoder,
+    IdentityHead,
+    LinearHead,
+    MCLEmbed,
+    MLPBNHead,
+    MLPHead,
+)
 
-__all__ = ["Encoder", "create", "create_head", "list_heads", "list_models", "model_options"]
+__all__ = [
+    "Encoder",
+    "build_encoder",
+    "create",
+    "create_head",
+    "list_heads",
+    "list_models",
+    "model_options",
+]
 
 _MODELS: dict[str, partial[nn.Module]] = {
     "resnet18": resnet.resnet18,
@@ -62,6 +79,14 @@ def _head_mlp(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
     return MLPHead(out_dim, hidden_dim, dtype)
 
 
+def _head_mlp_bn(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return MLPBNHead(out_dim, hidden_dim, dtype)
+
+
+def _head_mcl_embed(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return MCLEmbed(out_dim, dtype)
+
+
 def _head_linear(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
     return LinearHead(out_dim, dtype)
 
@@ -72,6 +97,8 @@ def _head_identity(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Modul
 
 _HEADS: dict[str, Callable[[int, int | None, Any], nn.Module]] = {
     "mlp": _head_mlp,
+    "mlp_bn": _head_mlp_bn,
+    "mcl_embed": _head_mcl_embed,
     "linear": _head_linear,
     "identity": _head_identity,
 }
@@ -113,7 +140,19 @@ def create(name: str, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
 def create_head(
     name: str, out_dim: int = 128, hidden_dim: int | None = None, dtype: Any = jnp.float32
 ) -> nn.Module:
-    """Build a projection head by registry name: 'mlp', 'linear' or 'identity'."""
+    """Build a projection head by registry name (see `disco_jax.models.heads`)."""
     if name not in _HEADS:
         raise unknown_name("head", name, list_heads())
     return _HEADS[name](out_dim, hidden_dim, dtype)
+
+
+def build_encoder(net: Any, dtype: Any = jnp.float32) -> Encoder:
+    """Backbone (pooled features, plus logits if ``num_classes`` > 0) + projection head."""
+    num_classes = int(net.get("num_classes", 0) or 0)
+    backbone = create(
+        net["model"], num_classes=num_classes, dtype=dtype, **dict(net.get("model_kwargs", {}))
+    )
+    head = create_head(
+        net["head"], out_dim=net["embed_dim"], hidden_dim=net["head_hidden"] or None, dtype=dtype
+    )
+    return Encoder(backbone=backbone, head=head, classify=num_classes > 0)

@@ -32,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from disco_jax.models import layers
 from disco_jax.models.resnet import LINEAR_INIT, BasicBlock, Bottleneck, _bn, _conv
 
 Dtype = Any
@@ -53,7 +54,7 @@ class CifarResNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         base = max(1, round(16 * self.width))
         x = _conv(base, 3, 1, self.dtype, "conv1")(x)
         x = nn.relu(_bn(train, self.dtype, "bn1")(x))
@@ -63,9 +64,8 @@ class CifarResNet(nn.Module):
                 block = self.block(base * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")
                 x = block(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        if features or self.num_classes == 0:
-            return x
-        return _dense(self.num_classes, self.dtype, "classifier")(x)
+        classify = _dense(self.num_classes, self.dtype, "classifier")
+        return layers.classifier_output(x, features, self.num_classes, classify)
 
 
 class WRNBlock(nn.Module):
@@ -100,7 +100,7 @@ class WideResNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         assert (self.depth - 4) % 6 == 0, "WRN depth must be 6n + 4"
         n = (self.depth - 4) // 6
         k = self.widen_factor
@@ -112,9 +112,8 @@ class WideResNet(nn.Module):
                 x = WRNBlock(ch(out_ch), stride, self.dtype, name=f"block{s}_layer_{j}")(x, train)
         x = nn.relu(_bn(train, self.dtype, "bn1")(x))
         x = jnp.mean(x, axis=(1, 2))
-        if features or self.num_classes == 0:
-            return x
-        return _dense(self.num_classes, self.dtype, "fc")(x)
+        classify = _dense(self.num_classes, self.dtype, "fc")
+        return layers.classifier_output(x, features, self.num_classes, classify)
 
 
 resnet32 = partial(CifarResNet, block=BasicBlock, stage_sizes=(5, 5, 5))

@@ -161,7 +161,7 @@ class EfficientNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         width_mult, depth_mult = EFFICIENTNET_ARCHS[self.arch]
         dtype = self.dtype
         ch = lambda c: make_divisible(c * width_mult * self.width)
@@ -189,16 +189,17 @@ class EfficientNet(nn.Module):
         x = _conv(4 * ch(_B0_STAGES[-1].out_ch), 1, f"{last}_0", dtype)(x)
         x = nn.silu(_bn(train, dtype, f"{last}_1")(x))
         x = jnp.mean(x, axis=(1, 2))
-        if features or self.num_classes == 0:
-            return x
-        x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_0")(x)
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=EFFNET_LINEAR_INIT,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            name="classifier_1",
-        )(x)
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_0")(x)
+            return nn.Dense(
+                self.num_classes,
+                kernel_init=EFFNET_LINEAR_INIT,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name="classifier_1",
+            )(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
 
 
 efficientnet_b0 = partial(EfficientNet, arch="b0")
@@ -266,7 +267,7 @@ class TimmMobileNetV3(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         blocks, num_features = ARCHS[self.arch]
         dtype = self.dtype
         ch = lambda c: make_divisible(c * self.width)
@@ -290,16 +291,17 @@ class TimmMobileNetV3(nn.Module):
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         head = _conv(ch(num_features), 1, "conv_head", dtype, bias=True, kernel_init=goog)
         x = nn.hard_swish(head(x)).reshape(x.shape[0], -1)
-        if features or self.num_classes == 0:
-            return x
-        x = nn.Dropout(self.dropout, deterministic=not train)(x)  # F.dropout in timm: no module
-        return nn.Dense(
-            self.num_classes,
-            kernel_init=TIMM_LINEAR_INIT,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            name="classifier",
-        )(x)
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)  # timm's F.dropout
+            return nn.Dense(
+                self.num_classes,
+                kernel_init=TIMM_LINEAR_INIT,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name="classifier",
+            )(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
 
 
 # Parameter counts (1000 classes) equal torchvision's MobileNetV3: 5,483,032 (Large) and

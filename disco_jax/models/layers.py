@@ -57,3 +57,15 @@ def batch_norm(
         param_dtype=jnp.float32,
         name=name,
     )
+
+
+def classifier_output(feats, features, num_classes: int, classify):
+    """The end of every backbone: pooled features, logits, or both.
+
+    ``features=True`` (or ``num_classes == 0``) returns the pooled features, ``False`` the
+    logits ``classify(feats)``, and ``"both"`` a dict ``{"features", "logits"}`` from one pass.
+    """
+    if features is True or num_classes == 0:
+        return feats
+    logits = classify(feats)
+    return {"features": feats, "logits": logits} if features == "both" else logits

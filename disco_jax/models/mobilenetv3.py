@@ -168,7 +168,7 @@ class MobileNetV3(nn.Module):
     bn_momentum: float = BN_MOMENTUM
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         blocks, last_channel = ARCHS[self.arch]
         dtype, m = self.dtype, self.bn_momentum
         ch = lambda c: make_divisible(c * self.width)
@@ -189,10 +189,11 @@ class MobileNetV3(nn.Module):
             n, kernel_init=LINEAR_INIT, dtype=dtype, param_dtype=jnp.float32, name=name
         )
         x = nn.hard_swish(dense(ch(last_channel), "classifier_0")(x))
-        if features or self.num_classes == 0:
-            return x
-        x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_2")(x)
-        return dense(self.num_classes, "classifier_3")(x)
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_2")(x)
+            return dense(self.num_classes, "classifier_3")(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
 
 
 mobilenet_v3_large = partial(MobileNetV3, arch="large")

@@ -125,7 +125,7 @@ class ResNet(nn.Module):
     widen: int = 1
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
         if self.stem not in STEMS:
             raise unknown_name("stem", self.stem, STEMS)
         base = max(1, round(64 * self.width * self.widen))
@@ -146,15 +146,14 @@ class ResNet(nn.Module):
                 x = block(x, train)
 
         x = jnp.mean(x, axis=(1, 2))
-        if features or self.num_classes == 0:
-            return x
-        return nn.Dense(
+        fc = nn.Dense(
             self.num_classes,
             kernel_init=LINEAR_INIT,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name="fc",
-        )(x)
+        )
+        return layers.classifier_output(x, features, self.num_classes, fc)
 
 
 # ``widen`` is bound in every constructor so that it is not a user option (`model_options`).
