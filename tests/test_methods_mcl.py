@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import collections
 
+import jax
 import numpy as np
 import pytest
 
+from disco_jax import checkpoint, methods, models, train
 from disco_jax.data import get_source, train_dataset
 from disco_jax.errors import ConfigError
+from tests.helpers import load_config, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,61 @@ def test_index_of_shuffled_stream_is_the_split_position(digits):
     np.testing.assert_array_equal(labels[b["index"]], b["label"])
     assert len(set(b["index"].tolist())) == 64
     assert "index" not in _batches(digits, 1, per_class=0)[0]
+
+
+# ------------------------------------------------------------------------------ training
+
+CONFIGS = ["mcl_cifar_resnet32x2.py", "mcl_r18x2.py", "mcl_moco_r18x2.py"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_config_runs_end_to_end_and_8_devices_equal_1(tmp_path, data_dir, name):
+    # One straight 8-device run is the end-to-end check (train, checkpoint, export, kNN, linear);
+    # the same config on 1 device must give the same loss curve (global BN, global banks/queues).
+    assert jax.device_count() == 8
+    cfg = load_config(f"{name}:smoke", data_dir)
+    results = train.run(cfg, str(tmp_path / "a8"))
+    assert results["step"] == 4 and np.isfinite(results["linear_top1"])
+    cfg1 = load_config(f"{name}:smoke", data_dir)
+    cfg1.mesh.num_devices, cfg1.eval.enabled = 1, False
+    train.run(cfg1, str(tmp_path / "b1"))
+    a, b = (read_metrics(str(tmp_path / k)) for k in ("a8", "b1"))
+    terms = ("loss", "vcl", "icl", "soft_vcl", "soft_icl")
+    for key in terms:
+        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-4,
+                                   atol=1e-5, err_msg=key)
+    assert all(a[0][k] > 0 for k in terms)
+    assert a[-1]["loss"] != a[0]["loss"]
+    # The export is network 0 as a plain encoder: it rebuilds and runs without the cohort.
+    variables, manifest = checkpoint.load_encoder(str(tmp_path / "a8" / "encoder"))
+    assert set(variables["params"]) == {"backbone", "head"}
+    out = models.build_encoder(manifest).apply(variables, np.zeros((2, 16, 16, 3), np.float32))
+    assert out["embedding"].shape == (2, 128)
+
+
+def _smoke(name, data_dir, **overrides):
+    cfg = load_config(f"{name}:smoke", data_dir)
+    for k, v in overrides.items():
+        cfg.loss[k] = v
+    return cfg
+
+
+@pytest.mark.parametrize("name,overrides,match", [
+    (CONFIGS[0], {"form": "bank"}, "loss.form"),
+    (CONFIGS[0], {"num_nets": 1}, "num_nets"),
+    (CONFIGS[0], {"per_class": 1}, "per_class"),
+    (CONFIGS[0], {"shared_stem": True}, "shared_stem"),
+    (CONFIGS[0], {"tau": 0.0}, "tau"),
+    (CONFIGS[1], {"neg_k": 0}, "neg_k"),
+    (CONFIGS[2], {"momentum": 1.0}, "momentum"),
+])
+def test_bad_settings_fail_before_compiling(data_dir, name, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        methods.get("mcl").validate(_smoke(name, data_dir, **overrides))
+
+
+def test_too_few_classes_in_the_classifier(data_dir):
+    cfg = _smoke(CONFIGS[0], data_dir)
+    cfg.student.num_classes = 5
+    with pytest.raises(ConfigError, match="num_classes=10"):
+        methods.get("mcl").validate(cfg)
