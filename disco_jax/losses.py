@@ -63,3 +63,144 @@ def moco_loss(q: Array, k: Array, queue: Array, temp: float = 0.2) -> Array:
     kn = jax.lax.stop_gradient(l2_normalize(k))
     logits = _logits_with_positive(qn, kn, jax.lax.stop_gradient(queue)) / temp
     return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
+
+
+# ------------------------------------------------------------------------------------------
+# MCL (winycg/MCL): mutual contrastive learning of a cohort of M networks. Shapes: (M, N, D)
+# embeddings, one row block per network. Every function returns the four unweighted terms
+# {"vcl", "icl", "soft_vcl", "soft_icl"}; the method weights them.
+
+
+def kl_div_t(student_logits: Array, target_logits: Array, temp: float) -> Array:
+    """T^2 * batch mean of KL(softmax(t/T) || softmax(s/T)) over full rows; target detached.
+
+    torch: F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T**2.
+    """
+    s = student_logits.astype(jnp.float32) / temp
+    t = jax.lax.stop_gradient(target_logits.astype(jnp.float32)) / temp
+    log_p_t = jax.nn.log_softmax(t, axis=-1)
+    log_p_s = jax.nn.log_softmax(s, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return temp**2 * jnp.mean(kl)
+
+
+def _masked_supcon(logits: Array, positives: Array, valid: Array) -> Array:
+    """-(1/N) sum_n mean_{j in P(n)} [l_nj - log sum_{k valid} exp l_nk].
+
+    An anchor with no positive contributes 0 (the official code gives NaN there; the class
+    sampler makes that case impossible, the guard only keeps a stray batch finite).
+    """
+    masked = jnp.where(valid, logits, -jnp.inf)
+    log_prob = logits - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    pos = positives.astype(jnp.float32)
+    per_anchor = jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1)
+    per_anchor = per_anchor / jnp.maximum(jnp.sum(pos, axis=-1), 1.0)
+    return -jnp.mean(per_anchor)
+
+
+def _first_columns_ce(logits: Array, num_pos: int) -> Array:
+    """Contrastive loss whose positives are the first `num_pos` columns, denominator all."""
+    log_prob = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.mean(log_prob[:, :num_pos], axis=-1))
+
+
+def mcl_losses(
+    embeddings: Array, labels: Array, tau: float = 0.1, kd_temp: float = 3.0
+) -> dict[str, Array]:
+    """In-batch supervised MCL terms (`losses/cifar_sup_mcl_loss.py`, methods.md §4.1).
+
+    `embeddings` (M, N, D), not normalised; `labels` (N,). SupCon masks for every similarity
+    matrix, within and across networks: positives are the other same-class samples, the
+    denominator every j != n. So the cross-network diagonal (the same image in the other
+    network) is in neither numerator nor denominator, as in the official code. VCL / ICL
+    back-propagate through both sides; the soft terms (KL at `kd_temp`, over full rows with the
+    diagonal, applied to logits already divided by `tau`) only through the student row.
+    """
+    z = l2_normalize(embeddings)
+    m, n = z.shape[0], z.shape[1]
+    eye = jnp.eye(n, dtype=bool)
+    same = labels[:, None] == labels[None, :]
+    positives, valid = same & ~eye, ~eye
+
+    def sim(a: int, b: int) -> Array:
+        return z[a] @ z[b].T / tau
+
+    own = [sim(a, a) for a in range(m)]
+    vcl = sum(_masked_supcon(own[a], positives, valid) for a in range(m))
+    soft_vcl = sum(kl_div_t(own[a], own[b], kd_temp) for a in range(m) for b in range(m) if a != b)
+    icl, soft_icl = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for a in range(m):
+        for b in range(a + 1, m):
+            ab, ba = sim(a, b), sim(b, a)
+            icl += _masked_supcon(ab, positives, valid) + _masked_supcon(ba, positives, valid)
+            soft_icl += kl_div_t(ab, ba, kd_temp) + kl_div_t(ba, ab, kd_temp)
+    return {"vcl": vcl, "icl": icl, "soft_vcl": soft_vcl, "soft_icl": soft_icl}
+
+
+def mcl_bank_losses(
+    embeddings: Array, contrast: Array, tau: float = 0.07, kd_temp: float = 3.0, pos_k: int = 1
+) -> dict[str, Array]:
+    """Memory-bank MCL terms (`losses/imagenet_sup_mcl_loss.py`, methods.md §4.2).
+
+    `embeddings` (M, N, D) anchors (normalised here); `contrast` (M, N, 1 + pos_k + neg_k, D):
+    bank m's rows at idx = [own index | pos_k same-class | neg_k other-class], used as they are
+    (bank rows are not re-normalised, and are constants). ICL for a < b: anchor z_b against
+    bank a and z_a against bank b, positives = the first 1 + pos_k columns (own row included).
+    VCL for m: z_m against bank m without the own row, positives = the first pos_k columns.
+    """
+    z = l2_normalize(embeddings)
+    c = jax.lax.stop_gradient(contrast.astype(jnp.float32))
+    m = z.shape[0]
+
+    def sim(anchor: int, bank: int, start: int = 0) -> Array:
+        return jnp.einsum("nd,nkd->nk", z[anchor], c[bank, :, start:]) / tau
+
+    own = [sim(a, a, start=1) for a in range(m)]
+    vcl = sum(_first_columns_ce(own[a], pos_k) for a in range(m))
+    soft_vcl = sum(kl_div_t(own[a], own[b], kd_temp) for a in range(m) for b in range(m) if a != b)
+    icl, soft_icl = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for a in range(m):
+        for b in range(a + 1, m):
+            ab, ba = sim(b, a), sim(a, b)
+            icl += _first_columns_ce(ab, 1 + pos_k) + _first_columns_ce(ba, 1 + pos_k)
+            soft_icl += kl_div_t(ab, ba, kd_temp) + kl_div_t(ba, ab, kd_temp)
+    return {"vcl": vcl, "icl": icl, "soft_vcl": soft_vcl, "soft_icl": soft_icl}
+
+
+def bank_update(bank: Array, index: Array, embedding: Array, momentum: float = 0.5) -> Array:
+    """Row idx <- normalize(momentum * row + (1 - momentum) * z); z normalised first, detached."""
+    z = jax.lax.stop_gradient(l2_normalize(embedding))
+    rows = momentum * bank[index].astype(jnp.float32) + (1.0 - momentum) * z
+    return bank.at[index].set(l2_normalize(rows).astype(bank.dtype))
+
+
+def mcl_moco_losses(
+    q: Array, k: Array, queues: Array, temp: float = 0.07, kd_temp: float = 3.0
+) -> dict[str, Array]:
+    """MCL on MoCo (`moco/builder_mcl.py`, methods.md §4.3).
+
+    `q`, `k` (M, N, D) queries and momentum keys (normalised here), `queues` (M, K, D) unit
+    rows. intra_m = [q_m.k_m, q_m.Q_m]/T, inter_ab = [q_a.k_b, q_a.Q_b]/T; VCL = sum_m CE(intra_m,
+    0), ICL = sum_{a<b} CE(inter_ab, 0) + CE(inter_ba, 0); soft terms are KL at `kd_temp` between
+    the corresponding rows (SoftVCL over ordered pairs a != b). Gradients reach only `q`.
+    """
+    qn = l2_normalize(q)
+    kn = jax.lax.stop_gradient(l2_normalize(k))
+    qs = jax.lax.stop_gradient(queues.astype(jnp.float32))
+    m = qn.shape[0]
+
+    def logits(a: int, b: int) -> Array:
+        return _logits_with_positive(qn[a], kn[b], qs[b]) / temp
+
+    intra = [logits(a, a) for a in range(m)]
+    vcl = sum(_first_columns_ce(intra[a], 1) for a in range(m))
+    soft_vcl = sum(
+        kl_div_t(intra[a], intra[b], kd_temp) for a in range(m) for b in range(m) if a != b
+    )
+    icl, soft_icl = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for a in range(m):
+        for b in range(a + 1, m):
+            ab, ba = logits(a, b), logits(b, a)
+            icl += _first_columns_ce(ab, 1) + _first_columns_ce(ba, 1)
+            soft_icl += kl_div_t(ab, ba, kd_temp) + kl_div_t(ba, ab, kd_temp)
+    return {"vcl": vcl, "icl": icl, "soft_vcl": soft_vcl, "soft_icl": soft_icl}

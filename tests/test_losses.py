@@ -102,3 +102,177 @@ def test_seed_gradient_matches_finite_differences():
     sm[i, j] -= eps
     fd = (np_seed_loss(sp, t, queue, 0.2, 0.05) - np_seed_loss(sm, t, queue, 0.2, 0.05)) / (2 * eps)
     np.testing.assert_allclose(g[i, j], fd, rtol=1e-3, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- MCL
+
+
+def _np_kl(s, t, temp):
+    """F.kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T**2."""
+    log_t, log_s = _np_log_softmax(t / temp), _np_log_softmax(s / temp)
+    return (np.exp(log_t) * (log_t - log_s)).sum() / s.shape[0] * temp**2
+
+
+def _np_supcon(anchor, contrast, labels, tau):
+    """cifar_sup_mcl_loss.py SupCon: same masks (diagonal out) for any pair of networks."""
+    n = anchor.shape[0]
+    logits = anchor @ contrast.T / tau
+    total = 0.0
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        log_den = np.log(np.exp(logits[i, others]).sum())
+        pos = [j for j in others if labels[j] == labels[i]]
+        total += np.mean([logits[i, j] - log_den for j in pos])
+    return -total / n
+
+
+def np_mcl_losses(emb, labels, tau, kd_temp):
+    z = [_np_normalize(e) for e in emb]
+    m = len(z)
+    out = dict(vcl=0.0, icl=0.0, soft_vcl=0.0, soft_icl=0.0)
+    for a in range(m):
+        out["vcl"] += _np_supcon(z[a], z[a], labels, tau)
+        for b in range(m):
+            if a != b:
+                out["soft_vcl"] += _np_kl(z[a] @ z[a].T / tau, z[b] @ z[b].T / tau, kd_temp)
+            if a < b:
+                out["icl"] += _np_supcon(z[a], z[b], labels, tau)
+                out["icl"] += _np_supcon(z[b], z[a], labels, tau)
+                ab, ba = z[a] @ z[b].T / tau, z[b] @ z[a].T / tau
+                out["soft_icl"] += _np_kl(ab, ba, kd_temp) + _np_kl(ba, ab, kd_temp)
+    return out
+
+
+def _mcl_inputs(m, seed=0, n=8, d=16):
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(m, n, d)) * 2.0
+    labels = np.repeat(np.arange(n // 2), 2)[rng.permutation(n)]  # 2 per class, shuffled
+    return emb, labels
+
+
+def _assert_terms(got, want):
+    assert set(got) == {"vcl", "icl", "soft_vcl", "soft_icl"}
+    for key in want:
+        np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_mcl_losses_match_numpy(m):
+    emb, labels = _mcl_inputs(m)
+    got = losses.mcl_losses(jnp.asarray(emb, jnp.float32), jnp.asarray(labels), 0.1, 3.0)
+    _assert_terms(got, np_mcl_losses(emb, labels, 0.1, 3.0))
+
+
+def test_mcl_losses_exclude_cross_network_diagonal_and_take_bfloat16():
+    # Identical networks: the cross-network diagonal would be the strongest positive; the
+    # official masks drop it, so ICL equals 2 x VCL/M exactly and the soft terms vanish.
+    emb, labels = _mcl_inputs(1, seed=1)
+    emb2 = np.concatenate([emb, emb])
+    got = losses.mcl_losses(jnp.asarray(emb2, jnp.bfloat16), jnp.asarray(labels))
+    assert got["vcl"].dtype == jnp.float32
+    np.testing.assert_allclose(float(got["icl"]), float(got["vcl"]), rtol=1e-5)
+    assert abs(float(got["soft_icl"])) < 1e-5 and abs(float(got["soft_vcl"])) < 1e-5
+
+
+def test_mcl_gradients_flow_through_both_sides_and_not_into_kl_targets():
+    emb, labels = _mcl_inputs(2, seed=2)
+    emb, y = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
+
+    def term(name, e0, e1):
+        return losses.mcl_losses(jnp.stack([e0, e1]), y)[name]
+
+    for name in ("vcl", "icl", "soft_vcl", "soft_icl"):
+        g0, g1 = jax.grad(lambda a, b, k=name: term(k, a, b), argnums=(0, 1))(emb[0], emb[1])
+        assert float(jnp.abs(g0).sum()) > 0 and float(jnp.abs(g1).sum()) > 0, name
+    # ICL of the (0, 1) direction alone reaches both networks (anchor and contrast side).
+    z = losses.l2_normalize
+    g = jax.grad(lambda b: losses._masked_supcon(
+        z(emb[0]) @ z(b).T / 0.1, (y[:, None] == y[None]) & ~jnp.eye(8, dtype=bool),
+        ~jnp.eye(8, dtype=bool)))(emb[1])
+    assert float(jnp.abs(g).sum()) > 0
+    # KL target stop-gradient: d KL(s <- t) / dt == 0, while d / ds != 0.
+    s, t = emb[0] @ emb[1].T, emb[1] @ emb[0].T
+    g_s, g_t = jax.grad(losses.kl_div_t, argnums=(0, 1))(s, t, 3.0)
+    assert float(jnp.abs(g_t).sum()) == 0.0 and float(jnp.abs(g_s).sum()) > 0
+
+
+def np_mcl_bank_losses(emb, contrast, tau, kd_temp, pos_k):
+    z = [_np_normalize(e) for e in emb]
+    m = len(z)
+
+    def sim(anchor, bank, start=0):
+        return np.einsum("nd,nkd->nk", z[anchor], contrast[bank][:, start:]) / tau
+
+    def ce(logits, p):
+        return -_np_log_softmax(logits)[:, :p].mean(axis=1).mean()
+
+    out = dict(vcl=0.0, icl=0.0, soft_vcl=0.0, soft_icl=0.0)
+    for a in range(m):
+        out["vcl"] += ce(sim(a, a, 1), pos_k)
+        for b in range(m):
+            if a != b:
+                out["soft_vcl"] += _np_kl(sim(a, a, 1), sim(b, b, 1), kd_temp)
+            if a < b:
+                ab, ba = sim(b, a), sim(a, b)
+                out["icl"] += ce(ab, 1 + pos_k) + ce(ba, 1 + pos_k)
+                out["soft_icl"] += _np_kl(ab, ba, kd_temp) + _np_kl(ba, ab, kd_temp)
+    return out
+
+
+@pytest.mark.parametrize("m,pos_k", [(2, 1), (3, 2)])
+def test_mcl_bank_losses_match_numpy(m, pos_k):
+    rng = np.random.default_rng(m)
+    emb = rng.normal(size=(m, 6, 16))
+    s = 1.0 / np.sqrt(16 / 3)
+    contrast = rng.uniform(-s, s, size=(m, 6, 1 + pos_k + 20, 16))  # bank rows, not normalised
+    got = losses.mcl_bank_losses(jnp.asarray(emb, jnp.float32), jnp.asarray(contrast, jnp.float32),
+                                 0.07, 3.0, pos_k)
+    _assert_terms(got, np_mcl_bank_losses(emb, contrast, 0.07, 3.0, pos_k))
+
+
+def test_bank_update_momentum_and_normalisation():
+    rng = np.random.default_rng(0)
+    bank = rng.uniform(-0.5, 0.5, size=(10, 4))
+    z = rng.normal(size=(3, 4))
+    idx = np.array([7, 2, 4])
+    got = np.asarray(losses.bank_update(jnp.asarray(bank, jnp.float32), jnp.asarray(idx),
+                                        jnp.asarray(z, jnp.float32), 0.5))
+    want = bank.copy()
+    want[idx] = _np_normalize(0.5 * bank[idx] + 0.5 * _np_normalize(z))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def np_mcl_moco_losses(q, k, queues, temp, kd_temp):
+    q, k = [_np_normalize(x) for x in q], [_np_normalize(x) for x in k]
+    m = len(q)
+
+    def logits(a, b):
+        return np.concatenate([(q[a] * k[b]).sum(1, keepdims=True), q[a] @ queues[b].T], 1) / temp
+
+    def ce(x):
+        return -_np_log_softmax(x)[:, 0].mean()
+
+    out = dict(vcl=0.0, icl=0.0, soft_vcl=0.0, soft_icl=0.0)
+    for a in range(m):
+        out["vcl"] += ce(logits(a, a))
+        for b in range(m):
+            if a != b:
+                out["soft_vcl"] += _np_kl(logits(a, a), logits(b, b), kd_temp)
+            if a < b:
+                out["icl"] += ce(logits(a, b)) + ce(logits(b, a))
+                out["soft_icl"] += _np_kl(logits(a, b), logits(b, a), kd_temp)
+                out["soft_icl"] += _np_kl(logits(b, a), logits(a, b), kd_temp)
+    return out
+
+
+@pytest.mark.parametrize("m", [2, 3])
+def test_mcl_moco_losses_match_numpy_and_stop_key_gradients(m):
+    rng = np.random.default_rng(10 + m)
+    q, k = rng.normal(size=(m, 8, 16)), rng.normal(size=(m, 8, 16))
+    queues = np.stack([_np_normalize(rng.normal(size=(32, 16))) for _ in range(m)])
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, queues)]
+    _assert_terms(losses.mcl_moco_losses(*args, 0.07, 3.0),
+                  np_mcl_moco_losses(q, k, queues, 0.07, 3.0))
+    g_q, g_k = jax.grad(lambda a, b: sum(losses.mcl_moco_losses(a, b, args[2]).values()),
+                        argnums=(0, 1))(args[0], args[1])
+    assert float(jnp.abs(g_k).sum()) == 0.0 and float(jnp.abs(g_q).sum()) > 0

@@ -27,7 +27,7 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from disco_jax.data.sources import DataSource
+from disco_jax.data.sources import DataSource, shard_bounds
 from disco_jax.errors import ConfigError
 
 # Resize-256 / center-crop-224: the eval short side is image_size / 0.875.
@@ -196,6 +196,8 @@ def train_dataset(
     small_crops: int = 0,
     small_size: int = 96,
     small_scale: tuple[float, float] = (0.05, 0.14),
+    per_class: int = 0,
+    with_index: bool = False,
 ) -> tf.data.Dataset:
     """Infinite stream of this process's training batches, a pure function of (seed, step).
 
@@ -203,6 +205,9 @@ def train_dataset(
     two independent crops). Images are uint8 (local_batch, S, S, 3); labels int64. With
     `small_crops=n` (SwAV-style multi-crop) it also yields `crops`, uint8
     (local_batch, n, small_size, small_size, 3), random-resized with `small_scale`.
+    `with_index=True` adds `index`, each example's int64 position in the split (memory banks).
+    `per_class=m` replaces the epoch shuffle by a class-balanced sampler (`class_balanced_ids`):
+    every local batch is local_batch / m distinct classes with m examples each.
     """
     if views not in (1, 2):
         raise ConfigError(f"views must be 1 or 2, got {views!r}")
@@ -232,6 +237,9 @@ def train_dataset(
 
     # Encoded bytes: shuffling, dropping and skipping them costs no decode.
     base = source.dataset(split, process_index, process_count, drop_remainder=True, decode=False)
+    if with_index or per_class:
+        offset = shard_bounds(source.num_examples(split), process_index, process_count, True)[0]
+        base = base.enumerate().map(lambda i, ex: {**ex, "index": i + offset})
     buffer = min(shard, shuffle_buffer)  # small data: a full shuffle of the shard
     root = _root_key(seed)
 
@@ -247,6 +255,8 @@ def train_dataset(
     def decode_and_crop(key: tf.Tensor, ex: dict) -> dict:
         image = source.decode(ex["image"])
         out = {"label": ex["label"]}
+        if with_index:
+            out["index"] = ex["index"]
         if views == 1:
             out["image"] = _random_view(image, key, image_size, (lo, hi), flip_p)
         else:
@@ -265,9 +275,72 @@ def train_dataset(
 
     # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.
     ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(epoch)
+    if per_class:
+        ds = _class_balanced_stream(base, shard, local_batch, per_class, root, start_step)
     ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def class_balanced_ids(
+    key: tf.Tensor, members: tf.Tensor, counts: tf.Tensor, num_classes: int, per_class: int
+) -> tf.Tensor:
+    """One batch of a stateless MPerClassSampler (pytorch-metric-learning, MCL's CIFAR sampler).
+
+    `members` (C, max_count) holds each class's example positions (padded), `counts` (C,).
+    Picks `num_classes` distinct classes uniformly, then `per_class` distinct members of each
+    (with repetition only when a class has fewer than `per_class` examples, as PML does).
+    Returns (num_classes * per_class,) positions, each class's examples adjacent.
+    """
+    k_cls, k_mem = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
+    total = tf.shape(counts)[0]
+    classes = tf.math.top_k(_uniform(k_cls, [total]), k=num_classes).indices
+    count = tf.gather(counts, classes)  # (c,)
+    width = tf.shape(members)[1]
+    scores = _uniform(k_mem, tf.stack([num_classes, width]))
+    scores = tf.where(tf.range(width)[None, :] < count[:, None], scores, -1.0)
+    order = tf.math.top_k(scores, k=per_class).indices  # valid members first, random order
+    order = tf.gather(order, tf.range(per_class)[None, :] % count[:, None], batch_dims=1)
+    return tf.reshape(tf.gather(tf.gather(members, classes), order, batch_dims=1), [-1])
+
+
+def _class_balanced_stream(
+    base: tf.data.Dataset, shard: int, local_batch: int, per_class: int, root: tf.Tensor,
+    start_step: int,
+) -> tf.data.Dataset:
+    """(key, example) pairs, local_batch per step, step s drawn from key (seed, -2, s) alone.
+
+    The shard's encoded examples are held in memory (random access; meant for CIFAR-sized
+    data), so resuming at `start_step` just starts the step range there.
+    """
+    if local_batch % per_class:
+        raise ConfigError(
+            f"the local batch {local_batch} must be a multiple of per_class={per_class}"
+        )
+    data = base.batch(shard).get_single_element()
+    labels = data["label"].numpy()
+    classes = np.unique(labels)
+    if local_batch // per_class > len(classes):
+        raise ConfigError(
+            f"per_class={per_class} needs {local_batch // per_class} distinct classes per batch"
+            f" of {local_batch}, the data has {len(classes)};"
+            f" use a batch <= {per_class * len(classes)}"
+        )
+    groups = [np.flatnonzero(labels == c) for c in classes]
+    width = max(per_class, *(len(g) for g in groups))  # top_k needs >= per_class columns
+    members = np.stack([np.pad(g, (0, width - len(g))) for g in groups]).astype(np.int64)
+    members = tf.constant(members)
+    counts = tf.constant([len(g) for g in groups], tf.int32)
+    sampler_key = _fold_in(root, -2)  # epoch keys fold in e >= 0: no collision
+
+    def step(s: tf.Tensor) -> tf.data.Dataset:
+        key = _fold_in(sampler_key, s)
+        ids = class_balanced_ids(key, members, counts, local_batch // per_class, per_class)
+        keys = tf.map_fn(lambda p: _fold_in(key, p), tf.range(local_batch, dtype=tf.int64))
+        examples = {k: tf.gather(v, ids) for k, v in data.items()}
+        return tf.data.Dataset.from_tensor_slices((keys, examples))
+
+    return tf.data.Dataset.range(start_step, 1 << 62).flat_map(step)
 
 
 def eval_batches(

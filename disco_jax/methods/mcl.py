@@ -1,0 +1,285 @@
+"""MCL: mutual contrastive learning of a cohort of M peers (winycg/MCL, methods.md §4).
+
+The student is a `Cohort` of `loss.num_nets` encoders (params net_0 ... net_{M-1}), each with
+its classifier and its own `mcl_embed` head, all on the same augmented batch. `loss.form`:
+
+- "in_batch" (CIFAR, §4.1): SupCon-style VCL / ICL over the batch plus the soft KL terms;
+  the input pipeline's class-balanced sampler gives `loss.per_class` (2) examples per class.
+- "memory_bank" (ImageNet, §4.2): one (n_data, 128) bank per network in the train state
+  (`queue_bank{m}`, rows sharded over devices), 1 own + `pos_k` same-class + `neg_k`
+  other-class rows per anchor, momentum-0.5 update of the own row after the loss.
+- "moco" (self-supervised, §4.3): per-network EMA key encoder and queue, two views, the
+  unweighted sum of the four terms (set the weights to 1), no labels.
+
+Supervised total: sum_m CE(logits_m, y) + alpha VCL + gamma SoftVCL + beta ICL + lam SoftICL
+[+ `logit_distill`: KL_T from the cohort's mean logits, T = kd_temp; detached by default as in
+the CIFAR code; M = 2 both nets, M > 2 the last net only].
+
+BN is global-batch under jit (the official code is per-GPU DataParallel BN; shuffle-BN for the
+MoCo keys). Evaluation and export use network 0 alone (a plain encoder); the official code
+reports every network and picks the best epoch on the test set, which is not reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from disco_jax import data, losses, queue
+from disco_jax.errors import ConfigError
+from disco_jax.methods.common import check_positive, student_forward
+from disco_jax.models.cohort import build_cohort
+
+NEEDS_TEACHER = False
+FORMS = ("in_batch", "memory_bank", "moco")
+TERMS = (("alpha", "vcl"), ("gamma", "soft_vcl"), ("beta", "icl"), ("lam", "soft_icl"))
+
+
+def views(config: Any) -> int:
+    return 2 if config.loss.form == "moco" else 1
+
+
+def data_options(config: Any) -> dict:
+    form = config.loss.form
+    if form == "in_batch":
+        return {"per_class": int(config.loss.per_class)}
+    return {"with_index": True} if form == "memory_bank" else {}
+
+
+def validate(config: Any) -> None:
+    cfg = config.loss
+    if cfg.form not in FORMS:
+        raise ConfigError(f"loss.form must be one of {', '.join(FORMS)}, got {cfg.form!r}")
+    if not isinstance(cfg.num_nets, int) or cfg.num_nets < 2:
+        raise ConfigError(f"loss.num_nets must be an integer >= 2, got {cfg.num_nets!r}")
+    if cfg.get("shared_stem", False):
+        raise ConfigError("loss.shared_stem (ResNet_b trunks for M >= 3) is not implemented;"
+                          " set it to False (independent networks)")
+    check_positive(config, "tau", "kd_temp")
+    for name, _ in TERMS:
+        if cfg[name] < 0:
+            raise ConfigError(f"loss.{name} must be >= 0, got {cfg[name]}")
+    if cfg.form == "moco":
+        if not 0.0 <= cfg.momentum < 1.0:
+            raise ConfigError(f"loss.momentum must be in [0, 1), got {cfg.momentum}")
+        queue.check_size(config.queue_size, config.batch_size)
+        return
+    classes = data.get_source(config.data).num_classes
+    if config.student.num_classes < classes:
+        raise ConfigError(f"student.num_classes is {config.student.num_classes} but the data has"
+                          f" {classes} classes; set student.num_classes={classes}")
+    if cfg.form == "in_batch":
+        m = cfg.per_class
+        if not isinstance(m, int) or m < 2:
+            raise ConfigError(f"loss.per_class must be an integer >= 2 (SupCon needs a"
+                              f" positive in the batch), got {m!r}")
+        if config.batch_size % m or config.batch_size // m > classes:
+            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of"
+                              f" loss.per_class={m} and hold at most {classes} classes"
+                              f" (<= {m * classes})")
+    else:
+        if cfg.pos_k < 1 or cfg.neg_k < 1:
+            raise ConfigError(f"loss.pos_k and loss.neg_k must be >= 1, got {cfg.pos_k},"
+                              f" {cfg.neg_k}")
+        if not 0.0 <= cfg.bank_momentum < 1.0:
+            raise ConfigError(f"loss.bank_momentum must be in [0, 1), got {cfg.bank_momentum}")
+
+
+def build_student(config: Any, dtype: Any) -> Any:
+    return build_cohort(config.student, config.loss.num_nets, dtype)
+
+
+# ------------------------------------------------------------------------------ train state
+
+
+def _bank_lookup(config: Any) -> dict[str, np.ndarray]:
+    """Class-sorted example table of the train split, for O(1) same/other-class sampling."""
+    source = data.get_source(config.data)
+    split = config.data.train_split
+    labels = np.fromiter(
+        (ex["label"] for ex in source.dataset(split, decode=False).as_numpy_iterator()),
+        np.int64, count=source.num_examples(split),
+    )
+    order = np.argsort(labels, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    count = np.bincount(labels, minlength=source.num_classes)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    return {k: jnp.asarray(v, jnp.int32) for k, v in
+            {"sorted": order, "rank": rank, "start": start, "count": count}.items()}
+
+
+def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> dict:
+    cfg, m = config.loss, config.loss.num_nets
+    keys = jax.random.split(rng, m)
+    dim = config.student.embed_dim
+    if cfg.form == "memory_bank":
+        lookup = _bank_lookup(config)
+        n = lookup["sorted"].shape[0]
+        # Rows padded to a multiple of the devices so the rows shard evenly; never sampled.
+        n_dev = ctx["mesh"].devices.size
+        rows = -(-n // n_dev) * n_dev
+        s = 1.0 / np.sqrt(dim / 3.0)
+        banks = {f"queue_bank{i}": {"feats": jax.random.uniform(
+            keys[i], (rows, dim), jnp.float32, -s, s)} for i in range(m)}
+        return {**banks, "bank_lookup": lookup}
+    if cfg.form == "moco":
+        queues = {f"queue_{i}": queue.init(keys[i], config.queue_size, dim) for i in range(m)}
+        # Every key encoder starts as an exact copy of its query encoder.
+        ema = {"params": student_vars["params"], "batch_stats": student_vars["batch_stats"]}
+        return {**queues, "ema": ema}
+    return {}
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _logit_distill(logits: jax.Array, temp: float, detach: bool) -> jax.Array:
+    """KL_T(net <- cohort mean logits): M = 2 both nets, M > 2 the last one (§4.1)."""
+    mean = jnp.mean(logits, axis=0)
+    target = jax.lax.stop_gradient(mean) if detach else mean
+    log_t = jax.nn.log_softmax(target / temp, axis=-1)
+    students = range(logits.shape[0]) if logits.shape[0] == 2 else [logits.shape[0] - 1]
+    total = jnp.zeros((), jnp.float32)
+    for i in students:
+        log_s = jax.nn.log_softmax(logits[i] / temp, axis=-1)
+        total += temp**2 * jnp.mean(jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1))
+    return total
+
+
+def _sample_bank_indices(rng: jax.Array, lookup: dict, index: jax.Array, labels: jax.Array,
+                         pos_k: int, neg_k: int) -> jax.Array:
+    """(N, 1 + pos_k + neg_k): [own | same-class other than own | other-class], uniform."""
+    n = lookup["sorted"].shape[0]
+    start, count = lookup["start"][labels], lookup["count"][labels]
+    own_rank = lookup["rank"][index] - start
+    r_pos, r_neg = jax.random.split(rng)
+    u = jax.random.uniform(r_pos, (labels.shape[0], pos_k))
+    p = jnp.floor(u * jnp.maximum(count - 1, 1)[:, None]).astype(jnp.int32)
+    p = jnp.where(count[:, None] > 1, p + (p >= own_rank[:, None]), 0)  # skip the own row
+    u = jax.random.uniform(r_neg, (labels.shape[0], neg_k))
+    q = jnp.floor(u * (n - count)[:, None]).astype(jnp.int32)
+    q = q + jnp.where(q >= start[:, None], count[:, None], 0)  # skip the own class's block
+    pos = lookup["sorted"][start[:, None] + p]
+    neg = lookup["sorted"][jnp.clip(q, 0, n - 1)]
+    return jnp.concatenate([index[:, None].astype(jnp.int32), pos, neg], axis=1)
+
+
+def _weighted(cfg: Any, terms: dict) -> jax.Array:
+    return sum(cfg[w] * terms[t] for w, t in TERMS)
+
+
+def _supervised_loss(params, state, batch, rng, ctx):
+    config = ctx["config"]
+    cfg = config.loss
+    r_aug, r_drop, r_idx = jax.random.split(rng, 3)
+    x = ctx["augment"](r_aug, batch["image"])
+    out, batch_stats = student_forward(params, state, x, ctx, rng=r_drop)
+    labels = batch["label"].astype(jnp.int32)
+    logits = out["logits"].astype(jnp.float32)
+    ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean() for lg in logits)
+    updates = {"batch_stats": batch_stats}
+    if cfg.form == "in_batch":
+        terms = losses.mcl_losses(out["embedding"], labels, cfg.tau, cfg.kd_temp)
+    else:
+        index = batch["index"].astype(jnp.int32)
+        idx = _sample_bank_indices(r_idx, state["bank_lookup"], index, labels, cfg.pos_k,
+                                   cfg.neg_k)
+        m = cfg.num_nets
+        banks = [state[f"queue_bank{i}"]["feats"] for i in range(m)]
+        contrast = jnp.stack([bank[idx] for bank in banks])
+        terms = losses.mcl_bank_losses(out["embedding"], contrast, cfg.tau, cfg.kd_temp,
+                                       cfg.pos_k)
+        for i in range(m):  # after the loss: the banks hold this step's embeddings
+            updates[f"queue_bank{i}"] = {"feats": losses.bank_update(
+                banks[i], index, out["embedding"][i], cfg.bank_momentum)}
+    loss = ce + _weighted(cfg, terms)
+    metrics = {"ce": ce, **terms,
+               "top1_net0": jnp.mean(jnp.argmax(logits[0], -1) == labels) * 100.0}
+    if cfg.logit_distill:
+        metrics["logit_kd"] = _logit_distill(logits, cfg.kd_temp, cfg.logit_distill_detach)
+        loss += metrics["logit_kd"]
+    return loss, (metrics, updates)
+
+
+def _moco_loss(params, state, batch, rng, ctx):
+    cfg = ctx["config"].loss
+    m = cfg.num_nets
+    r_q, r_k, r_drop = jax.random.split(rng, 3)
+    x_q = ctx["augment"](r_q, batch["view1"])
+    x_k = ctx["augment"](r_k, batch["view2"])
+    # Momentum update before the forward, per network (the cohort's EMA is per-leaf).
+    ema_params = optax.incremental_update(
+        jax.lax.stop_gradient(params), state["ema"]["params"], step_size=1.0 - cfg.momentum
+    )
+    k_out, k_mut = ctx["student"].apply(
+        {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]}, x_k, train=True,
+        mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(r_drop, 1)},
+    )
+    k = jax.lax.stop_gradient(k_out["embedding"])
+    q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=r_drop)
+    queues = jnp.stack([state[f"queue_{i}"]["feats"] for i in range(m)])
+    terms = losses.mcl_moco_losses(q_out["embedding"], k, queues, cfg.tau, cfg.kd_temp)
+    updates = {"batch_stats": batch_stats,
+               "ema": {"params": ema_params, "batch_stats": k_mut["batch_stats"]},
+               **{f"queue_{i}": queue.enqueue(state[f"queue_{i}"], losses.l2_normalize(k[i]))
+                  for i in range(m)}}
+    return _weighted(cfg, terms), (dict(terms), updates)
+
+
+def loss_fn(params, state, batch, rng, teacher_vars, ctx):
+    if ctx["config"].loss.form == "moco":
+        return _moco_loss(params, state, batch, rng, ctx)
+    return _supervised_loss(params, state, batch, rng, ctx)
+
+
+# ------------------------------------------------------------------------------ eval / export
+
+
+def _net0(variables: dict) -> dict:
+    return {"params": variables["params"]["net_0"],
+            "batch_stats": variables["batch_stats"]["net_0"]}
+
+
+def eval_features(ctx: dict, variables: dict, images: jax.Array) -> jax.Array:
+    """Network 0's pooled backbone features (the peers are evaluated the same way by export)."""
+    encoder = ctx["student"].net[0].clone(parent=None)
+    return encoder.apply(_net0(variables), images, train=False)["features"]
+
+
+def export(config: Any, variables: dict) -> tuple[dict, dict]:
+    """Network 0 as a plain encoder (backbone + classifier + its mcl_embed head)."""
+    from disco_jax.methods import encoder_manifest  # the registry imports this module
+
+    return _net0(variables), encoder_manifest(config.student)
+
+
+def loss_config(form: str = "in_batch", **overrides: Any) -> Any:
+    """The official defaults of one form as a `loss` ConfigDict (configs start from this)."""
+    import ml_collections as mlc
+
+    moco = form == "moco"
+    c = {
+        "form": form,
+        "num_nets": 2,
+        "tau": {"in_batch": 0.1, "memory_bank": 0.07, "moco": 0.07}[form],
+        "kd_temp": 3.0,
+        # main_cifar.py / main_imagenet.py scripts: 0.1 / 1 / 0.1 / 1; MoCo: the plain sum.
+        "alpha": 1.0 if moco else 0.1,
+        "gamma": 1.0,
+        "beta": 1.0 if moco else 0.1,
+        "lam": 1.0,
+        "logit_distill": False,
+        "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
+        "shared_stem": False,
+        "per_class": 2,  # in_batch: MPerClassSampler(m=2)
+        "pos_k": 1,  # memory_bank
+        "neg_k": 8192,
+        "bank_momentum": 0.5,
+        "momentum": 0.999,  # moco: key encoders
+    }
+    return mlc.ConfigDict(c | overrides)
