@@ -453,22 +453,139 @@ def test_classifier_size_and_ignore_patterns(small_state):
     )
 
 
-def test_swav_projection_head_needs_explicit_ignore(small_state):
-    backbone = {k: v for k, v in small_state.items() if not k.startswith("fc.")}
-    state = {f"module.{k}": v for k, v in backbone.items()}
-    state |= {
-        "module.projection_head.0.weight": torch.zeros(64, 128),
-        "module.projection_head.1.running_mean": torch.zeros(64),
-        "module.prototypes.weight": torch.zeros(30, 16),
-    }
-    with pytest.raises(ConfigError, match=r"projection head.*--ignore 'projection_head\.\*'"):
-        convert.from_torch(state, "resnet18", "swav", width=0.25)
-    variables = convert.from_torch(
-        state, "resnet18", "swav", ignore=["projection_head.*"], width=0.25
+def test_unknown_format_is_reported(small_state):
+    with pytest.raises(ConfigError, match="unknown source format 'simclr2'"):
+        convert.from_torch(small_state, "resnet18", "simclr2")
+
+
+# ---------------------------------------------------------------- SwAV, SEED, DisCo, SimCLR
+
+
+def _tiny_resnet(seed: int) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=0, width=0.25, stem="cifar")
+
+
+def _encoder_outputs(variables, head: str, embed: int, hidden: int, x):
+    encoder = models.Encoder(
+        backbone=models.create("resnet18", num_classes=0, width=0.25, stem="cifar"),
+        head=models.create_head(head, out_dim=embed, hidden_dim=hidden),
     )
-    _assert_trees_equal(variables, _convert(backbone))
-    with pytest.raises(ConfigError, match="unknown source format 'simclr'"):
-        convert.from_torch(state, "resnet18", "simclr")
+    out = _jit(functools.partial(encoder.apply, train=False))(variables, _nhwc(x))
+    return np.asarray(out["features"]), np.asarray(out["embedding"])
+
+
+def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
+    """SwAV: 'module.*' backbone, projection_head Linear-BN1d-ReLU-Linear, prototypes dropped."""
+    enc = _tiny_resnet(0)
+    enc.projection_head = nn.Sequential(
+        nn.Linear(enc.feature_dim, 40), nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 16)
+    )
+    enc.prototypes = nn.Linear(16, 30, bias=False)
+    randomize(enc, seed=7)
+    path = str(tmp_path / "swav_800ep_pretrain.pth.tar")
+    torch.save({f"module.{k}": v for k, v in enc.state_dict().items()}, path)
+    x = _image((2, 3, 16, 16), seed=8)
+    with torch.no_grad():
+        t_feats = enc.features(x)
+        t_embed = enc.projection_head(t_feats).numpy()  # eval mode: BN1d running statistics
+
+    kwargs = {"width": 0.25, "stem": "cifar"}
+    result = convert.convert(convert.load_torch_file(path), "resnet18", "swav", **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp_bn", 40, 16)
+    assert set(result.variables["batch_stats"]) == {"backbone", "head"}
+    feats, embed = _encoder_outputs(result.variables, "mlp_bn", 16, 40, x)
+    np.testing.assert_allclose(feats, t_feats.numpy(), **TOL)
+    np.testing.assert_allclose(embed, t_embed, **TOL)
+
+    # Export under SwAV's names and re-import: exact; prototypes are the only keys not back.
+    exported = convert.to_torch(
+        result.variables, "resnet18", prefix="module.", head_module="projection_head", **kwargs
+    )
+    original = {f"module.{k}" for k in enc.state_dict()}
+    assert original - set(exported) == {"module.prototypes.weight"}
+    _assert_trees_equal(
+        convert.from_torch(exported, "resnet18", "swav", **kwargs), result.variables
+    )
+
+    out_dir = str(tmp_path / "teacher")
+    argv = ["swav", "resnet18", path, out_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main([*argv, "--model-kwarg", "stem=cifar"]) == 0
+    _, manifest = checkpoint.load_encoder(out_dir)
+    assert (manifest["head"], manifest["head_hidden"], manifest["embed_dim"]) == ("mlp_bn", 40, 16)
+    assert manifest["source_format"] == "swav"
+
+    # A missing head BN statistic is reported under SwAV's own name.
+    state = {f"module.{k}": v for k, v in enc.state_dict().items()}
+    del state["module.projection_head.1.running_var"]
+    with pytest.raises(ConfigError, match=r"missing 1 key\(s\): module\.projection_head\.1\.run"):
+        convert.from_torch(state, "resnet18", "swav", **kwargs)
+
+
+def _student_checkpoint(fmt: str, hidden: int, seed: int) -> tuple[ResNet, dict]:
+    """A SEED or DisCo training checkpoint whose student is a tiny ResNet-18 with an MLP fc."""
+    enc = _tiny_resnet(seed)
+    d = enc.feature_dim
+    enc.fc = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 16))
+    randomize(enc, seed)
+    other = {k: torch.randn_like(v.float()) for k, v in enc.state_dict().items()}
+    if fmt == "seed":  # seed/builder.py: student, teacher, queue (DDP 'module.')
+        state = {f"module.student.{k}": v for k, v in enc.state_dict().items()}
+        state |= {f"module.teacher.{k}": v for k, v in other.items()}
+    else:  # DisCo builder: encoder_q (student), encoder_k, teacher_encoder_q/_k, queue
+        state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
+        for sub in ("encoder_k", "teacher_encoder_q", "teacher_encoder_k"):
+            state |= {f"module.{sub}.{k}": v for k, v in other.items()}
+    state |= {"module.queue": torch.randn(16, 64), "module.queue_ptr": torch.zeros(1)}
+    return enc, {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}
+
+
+@pytest.mark.parametrize(("fmt", "hidden"), [("seed", 32), ("disco", 48)])
+def test_seed_and_disco_student_checkpoints(tmp_path, fmt, hidden):
+    # SEED's student head is d -> d -> 128 (d = 32 here); DisCo's is d -> 2048 -> 128 (48 here).
+    enc, ckpt = _student_checkpoint(fmt, hidden, seed=9)
+    path = str(tmp_path / f"{fmt}.pth.tar")
+    torch.save(ckpt, path)
+    x = _image((2, 3, 16, 16), seed=10)
+    with torch.no_grad():
+        t_feats = enc.features(x)
+        t_embed = enc.fc(t_feats).numpy()
+    kwargs = {"width": 0.25, "stem": "cifar"}
+    result = convert.convert(convert.load_torch_file(path), "resnet18", fmt, **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp", hidden, 16)
+    feats, embed = _encoder_outputs(result.variables, "mlp", 16, hidden, x)
+    np.testing.assert_allclose(feats, t_feats.numpy(), **TOL)
+    np.testing.assert_allclose(embed, t_embed, **TOL)
+    # The teacher / key encoder weights were dropped, not mixed in.
+    prefix = "module.student." if fmt == "seed" else "module.encoder_q."
+    np.testing.assert_array_equal(
+        result.variables["params"]["backbone"]["conv1"]["kernel"],
+        ckpt["state_dict"][f"{prefix}conv1.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    # A student key under another prefix is unexpected, and named.
+    state = dict(ckpt["state_dict"])
+    state["module.student_x.conv1.weight"] = state[f"{prefix}conv1.weight"]
+    with pytest.raises(ConfigError, match=r"unexpected 1 key\(s\): module\.student_x\.conv1"):
+        convert.from_torch(state, "resnet18", fmt, **kwargs)
+
+
+def test_simclr_converted_checkpoints(tmp_path, small_state):
+    # tonylins/simclr-converter: {'state_dict': torchvision names}; SEED's re-hosted copy:
+    # {'model': 'module.module.module.' + torchvision names}.
+    direct = _convert(small_state)
+    for wrapped in (
+        {"state_dict": small_state},
+        {"model": {f"module.module.module.{k}": v for k, v in small_state.items()}},
+    ):
+        path = str(tmp_path / "simclr.pth")
+        torch.save(wrapped, path)
+        variables = convert.from_torch(
+            convert.load_torch_file(path), "resnet18", "simclr", width=0.25
+        )
+        _assert_trees_equal(variables, direct)
+    manifest = convert.convert_file(
+        "simclr", "resnet18", path, str(tmp_path / "enc"), ignore=["fc.*"], width=0.25
+    )
+    assert (manifest["head"], manifest["source_format"]) == ("identity", "simclr")
 
 
 # ---------------------------------------------------------------- unsafe / broken files

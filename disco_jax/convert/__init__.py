@@ -19,8 +19,8 @@
   ``teacher.init`` accepts.
 
 Source formats (`FORMATS`) are small declarative entries: key prefixes, an optional projection
-head layout, keys always dropped and keys known to be unsupported. A new format such as SimCLR
-or a DisCo/SEED export is one more entry.
+head layout, keys always dropped and keys known to be unsupported: torchvision, timm, moco,
+swav (projection head with BN -> `mlp_bn`), simclr, seed and disco (student checkpoints).
 
 torch is imported lazily, only by the functions that need it; training never imports it.
 """
@@ -68,6 +68,15 @@ class HeadLayout:
     head: str  # a disco_jax head name (`models.create_head`)
     out_layer: str  # the last Linear: its output width is the embedding size
     hidden_layer: str | None = None  # the first Linear of a two-layer head: its width is hidden
+    # The head's torch module, standing in for the 'fc' of disco_jax's head names (fc_0 / fc_1 /
+    # fc_3 / fc): SwAV's 'projection_head', DisCo's 'classifier' on EfficientNet/MobileNetV3.
+    module: str = "fc"
+
+    def torch_norm(self, norm_key: str) -> str:
+        """A head leaf's normalised key as the checkpoint spells it."""
+        if self.module != "fc" and (norm_key.startswith("fc_") or norm_key.startswith("fc.")):
+            return self.module.replace(".", "_") + norm_key[2:]
+        return norm_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +111,48 @@ FORMATS: dict[str, SourceFormat] = {
     ),
     "swav": SourceFormat(
         "SwAV (facebookresearch/swav): 'module.*' ResNet keys, projection head, prototypes",
+        # Linear -> BatchNorm1d -> ReLU -> Linear (hidden_mlp > 0) or one Linear (hidden_mlp 0).
+        heads=(
+            HeadLayout("mlp_bn", "projection_head.3", "projection_head.0", "projection_head"),
+            HeadLayout("linear", "projection_head", module="projection_head"),
+        ),
         drop=("module.prototypes.*", "prototypes.*"),
-        unsupported=(
-            (
-                "projection_head.*",
-                "SwAV's projection head (Linear-BatchNorm1d-ReLU-Linear) has no disco_jax head yet",
-            ),
+        classifier=False,
+    ),
+    # tonylins/simclr-converter writes {'state_dict': torchvision resnet50x{1,2,4}} (x2/x4 widen
+    # every layer like SwAV: use swav_resnet50w2/w4); its fc.bias is never set (a converter bug),
+    # so the supervised fc is usually ignored ('fc.*'). SEED re-hosts it as {'model': ...} with
+    # 'module.module.module.' in front.
+    "simclr": SourceFormat(
+        "SimCLR converted to torch (tonylins/simclr-converter): torchvision ResNet-50 names",
+        prefixes=("module.module.module.", "module.", ""),
+    ),
+    # jacobswan1/SEED main.py saves the DDP-wrapped SEED module: the student (with its
+    # Linear(d, d) -> ReLU -> Linear(d, 128) fc when --student_mlp), the frozen teacher, the queue.
+    "seed": SourceFormat(
+        "SEED student (jacobswan1/SEED): 'state_dict' with 'module.student.*'",
+        prefixes=("module.student.", "student."),
+        heads=(HeadLayout("mlp", "fc.2", "fc.0"), HeadLayout("linear", "fc")),
+        drop=("module.teacher.*", "teacher.*", "module.queue*", "queue*"),
+        classifier=False,
+    ),
+    # Yuting-Gao/DisCo-pytorch (builder_kq_mse_largeembedding_2048.py): the student is encoder_q
+    # with Linear(d, 2048) -> ReLU -> Linear(2048, 128) as 'classifier' (timm EfficientNet /
+    # MobileNetV3) or 'fc' (ResNets); encoder_k, both teacher copies and the queue are dropped.
+    "disco": SourceFormat(
+        "DisCo student (Yuting-Gao/DisCo-pytorch): 'state_dict' with 'module.encoder_q.*'",
+        prefixes=("module.encoder_q.", "encoder_q."),
+        heads=(
+            HeadLayout("mlp", "classifier.2", "classifier.0", "classifier"),
+            HeadLayout("mlp", "fc.2", "fc.0"),
+        ),
+        drop=(
+            "module.encoder_k.*",
+            "encoder_k.*",
+            "module.teacher_encoder_*",
+            "teacher_encoder_*",
+            "module.queue*",
+            "queue*",
         ),
         classifier=False,
     ),
@@ -122,6 +167,20 @@ class _Part:
     prefix: str
     leaves: list[Leaf]
     init: Any  # () -> real variables, only called when an ignored variable needs a value
+    layout: HeadLayout | None = None  # for a head: how the checkpoint names its module
+
+    def norm(self, norm_key: str) -> str:
+        return norm_key if self.layout is None else self.layout.torch_norm(norm_key)
+
+    def default_key(self, leaf: Leaf) -> str:
+        norm = self.norm(leaf.norm_key)
+        if norm == leaf.norm_key:
+            return self.prefix + leaf.default_torch_key()
+        # Only the head's module is renamed; its children are numbered ('0', '1', '3').
+        module, _, rest = norm.partition(".")
+        head = self.layout.module if self.layout else ""
+        tail = module[len(head.replace(".", "_")) :].replace("_", ".")
+        return f"{self.prefix}{head}{tail}.{rest}"
 
 
 @dataclasses.dataclass
@@ -307,7 +366,9 @@ def convert(
         head_model = models.create_head(layout.head, out_dim=embed_dim, hidden_dim=hidden or None)
         feats = jnp.zeros((1, feature_dim(name, model_kwargs)), jnp.float32)
         head_leaves = names.leaves(jax.eval_shape(head_model.init, jax.random.key(0), feats))
-        parts.append(_Part("head", prefix, head_leaves, lambda: _real_init(head_model, feats)))
+        parts.append(
+            _Part("head", prefix, head_leaves, lambda: _real_init(head_model, feats), layout)
+        )
 
     # Normalised key -> checkpoint key, for keys under the prefix.
     index: dict[str, str] = {}
@@ -331,8 +392,8 @@ def convert(
     for part in parts:
         tree: dict = {}
         for leaf in part.leaves:
-            key = index.get(leaf.norm_key)
-            wanted = key or part.prefix + leaf.default_torch_key()
+            key = index.get(part.norm(leaf.norm_key))
+            wanted = key or part.default_key(leaf)
             value = None
             if key is not None:
                 used.add(key)
@@ -351,7 +412,7 @@ def convert(
             else:
                 names.set_path(tree, leaf.collection, leaf.path, value)
         for bn in names.bn_modules(part.leaves):
-            key = index.get(f"{bn.module}.{names.NUM_BATCHES_TRACKED}")
+            key = index.get(part.norm(f"{bn.module}.{names.NUM_BATCHES_TRACKED}"))
             if key is not None:
                 used.add(key)
         out[part.where] = tree
@@ -439,6 +500,7 @@ def to_torch(
     *,
     prefix: str = "",
     keys: Sequence[str] | None = None,
+    head_module: str = "fc",
     **model_kwargs: Any,
 ) -> dict[str, Any]:
     """torch tensors named like torchvision's, loadable with ``strict=True``.
@@ -448,6 +510,8 @@ def to_torch(
     the head's own names, e.g. MoCo's ``fc.0``/``fc.2``). Every key gets ``prefix``. Names are
     rebuilt by turning '_' into '.', which is right for every torchvision model here; pass the
     target's ``keys`` (e.g. ``model.state_dict().keys()``) when module names contain '_'.
+    ``head_module`` renames the head's 'fc' (e.g. 'projection_head' for SwAV, 'classifier' for
+    DisCo's EfficientNet students).
     """
     import torch
 
@@ -491,18 +555,25 @@ def to_torch(
         return resolve.get(norm) or prefix + default
 
     state: dict[str, Any] = {}
-    for tree in (backbone, head):
+    layout = HeadLayout("", "", module=head_module)
+
+    def head_default(key: str) -> str:
+        return head_module + key[2:] if key.startswith("fc.") else key
+
+    for tree, is_head in ((backbone, False), (head, True)):
+        norm_of = layout.torch_norm if is_head else (lambda k: k)
+        default_of = head_default if is_head else (lambda k: k)
         tree_leaves = names.leaves(tree)
         for leaf in tree_leaves:
             node = tree[leaf.collection]
             for p in leaf.path:
                 node = node[p]
-            key = torch_key(leaf.norm_key, leaf.default_torch_key())
+            key = torch_key(norm_of(leaf.norm_key), default_of(leaf.default_torch_key()))
             value = names.to_torch_layout(np.asarray(node), leaf)
             state[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
         for bn in names.bn_modules(tree_leaves):
-            norm = f"{bn.module}.{names.NUM_BATCHES_TRACKED}"
-            default = f"{bn.module.replace('_', '.')}.{names.NUM_BATCHES_TRACKED}"
+            norm = norm_of(f"{bn.module}.{names.NUM_BATCHES_TRACKED}")
+            default = default_of(f"{bn.module.replace('_', '.')}.{names.NUM_BATCHES_TRACKED}")
             state[torch_key(norm, default)] = torch.zeros((), dtype=torch.long)
     if unresolved:
         raise ConfigError(
