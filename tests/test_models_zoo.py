@@ -82,6 +82,12 @@ ZOO = {
     "wide_resnet50_2": (68_883_240, 1000, 2048, 224),
     "mobilenetv3_large_100": (5_483_032, 1000, 1280, 224),
     "mobilenetv3_small_100": (2_542_856, 1000, 1024, 224),
+    # timm's efficientnet_b0/b1: torchvision's network under timm's names (timm: 5.29M / 7.79M).
+    "timm_efficientnet_b0": (5_288_548, 1000, 1280, 224),
+    "timm_efficientnet_b1": (7_794_184, 1000, 1280, 224),
+    # SEED's MobileNetV3: torchvision's channels, Linear SE layers (same params as 1x1 convs).
+    "seed_mobilenetv3_large": (5_483_032, 1000, 1280, 224),
+    "seed_mobilenetv3_small": (2_542_856, 1000, 1024, 224),
     "swav_resnet50w2": (98_004_072, 1000, 4096, 224),
     "swav_resnet50w4": (383_571_176, 1000, 8192, 224),
     "swav_resnet50w5": (596_691_240, 1000, 10240, 224),
@@ -93,6 +99,8 @@ ZOO = {
     "wrn_28_4": (5_872_180, 100, 256, 32),
 }
 CLASSIFIER = {
+    "timm": "classifier",
+    "seed": "fc",
     "efficientnet": "classifier_1",
     "mobilenetv3": "classifier",
     "wide": "fc",
