@@ -588,6 +588,75 @@ def test_simclr_converted_checkpoints(tmp_path, small_state):
     assert (manifest["head"], manifest["source_format"]) == ("identity", "simclr")
 
 
+# ---------------------------------------------------------------- detectron2 export
+
+
+def _moco_detectron2_script(state: dict) -> dict:
+    """MoCo's detection/convert-pretrain-to-detectron2.py loop, verbatim in its logic."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue  # disco_jax leaves these out on purpose
+        if "layer" not in k:
+            k = "stem." + k
+        for t in [1, 2, 3, 4]:
+            k = k.replace("layer{}".format(t), "res{}".format(t + 1))  # noqa: UP032
+        for t in [1, 2, 3]:
+            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))  # noqa: UP032
+        k = k.replace("downsample.0", "shortcut")
+        k = k.replace("downsample.1", "shortcut.norm")
+        out[k] = v.numpy()
+    return out
+
+
+@pytest.mark.parametrize("name", list(RESNETS))
+def test_detectron2_export_renames_like_moco(tmp_path, name):
+    block, layers, kwargs, nc, _ = RESNETS[name]
+    tmodel = randomize(ResNet(block, layers, nc, **kwargs), seed=11)
+    variables = convert.from_torch(tmodel.state_dict(), name, **kwargs)
+    obj = convert.to_detectron2(variables, name, **kwargs)
+    assert obj["__author__"] == "disco_jax" and obj["matching_heuristics"] is True
+    want = _moco_detectron2_script(tmodel.state_dict())
+    assert set(obj["model"]) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(obj["model"][k], v, err_msg=k)
+    names = set(obj["model"])
+    assert {"stem.conv1.weight", "stem.conv1.norm.running_var", "res3.0.shortcut.weight"} <= names
+    assert "res3.0.shortcut.norm.bias" in names
+    if block is Bottleneck:
+        assert "res5.2.conv3.norm.weight" in names and "res2.0.shortcut.weight" in names
+    else:
+        assert "res5.1.conv2.norm.weight" in names and "res2.0.shortcut.weight" not in names
+
+
+def test_export_cli_torchvision_and_detectron2(tmp_path, capsys):
+    import pickle
+
+    tmodel = randomize(ResNet(BasicBlock, (2, 2, 2, 2), 10, width=0.25), seed=12)
+    path = str(tmp_path / "sup.pth")
+    torch.save(tmodel.state_dict(), path)
+    enc_dir = str(tmp_path / "enc")
+    argv = ["torchvision", "resnet18", path, enc_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main(argv) == 0
+    pkl = str(tmp_path / "d2.pkl")
+    assert convert_main(["export", enc_dir, pkl, "--to", "detectron2"]) == 0
+    with open(pkl, "rb") as f:
+        obj = pickle.load(f)
+    want = _moco_detectron2_script(tmodel.state_dict())
+    assert set(obj["model"]) == set(want)
+    key = "res4.1.conv2.norm.running_mean"
+    np.testing.assert_array_equal(obj["model"][key], want[key])
+    pth = str(tmp_path / "backbone.pth")
+    assert convert_main(["export", enc_dir, pth]) == 0
+    loaded = torch.load(pth, weights_only=True)
+    tmodel.fc = None  # the encoder has no classifier
+    assert set(loaded) == set(tmodel.state_dict())
+    tmodel.load_state_dict(loaded, strict=True)
+    # Not a ResNet: one clear line.
+    with pytest.raises(ConfigError, match="detectron2 export needs a torchvision-layout ResNet"):
+        convert.to_detectron2({}, "mobilenet_v3_large")
+
+
 # ---------------------------------------------------------------- unsafe / broken files
 
 

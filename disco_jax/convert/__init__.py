@@ -50,8 +50,11 @@ __all__ = [
     "SourceFormat",
     "convert",
     "convert_file",
+    "detectron2_name",
+    "export_encoder",
     "from_torch",
     "load_torch_file",
+    "to_detectron2",
     "to_torch",
 ]
 
@@ -580,6 +583,82 @@ def to_torch(
             f"no target key for {len(unresolved)} variable(s): {_listing(unresolved)}"
         )
     return state
+
+
+# ---------------------------------------------------------------------------- detectron2
+
+
+def detectron2_name(key: str) -> str:
+    """A torchvision ResNet key renamed as MoCo's ``convert-pretrain-to-detectron2.py`` does.
+
+    Not in a layer: ``stem.`` in front; ``layerN`` -> ``res{N+1}``; ``bn1/2/3`` ->
+    ``conv1/2/3.norm``; ``downsample.0`` -> ``shortcut``, ``downsample.1`` -> ``shortcut.norm``.
+    """
+    if "layer" not in key:
+        key = "stem." + key
+    for t in (1, 2, 3, 4):
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def to_detectron2(variables: Mapping[str, Any], name: str, **model_kwargs: Any) -> dict:
+    """A detectron2 backbone checkpoint ``{"model": {name: ndarray}, "__author__",
+    "matching_heuristics": True}`` of a torchvision-layout ResNet (or of an Encoder on one).
+
+    Unlike MoCo's script, the classifier / projection head (``fc.*``, which detectron2 would
+    only report as unused) and the all-zero ``num_batches_tracked`` are left out.
+    """
+    from disco_jax.models import resnet
+
+    ctor = models._MODELS.get(name)  # noqa: SLF001 -- the registry is this package's own
+    if ctor is None or ctor.func is not resnet.ResNet:
+        resnets = [n for n, c in models._MODELS.items() if c.func is resnet.ResNet]  # noqa: SLF001
+        raise ConfigError(
+            f"detectron2 export needs a torchvision-layout ResNet ({', '.join(resnets)}), got"
+            f" {name!r}"
+        )
+    params = variables.get("params", {})
+    if "backbone" in params:
+        variables = {c: variables[c]["backbone"] for c in variables if "backbone" in variables[c]}
+    state = to_torch(variables, name, **model_kwargs)
+    out = {
+        detectron2_name(k): v.numpy()
+        for k, v in state.items()
+        if not k.startswith("fc.") and not k.endswith(names.NUM_BATCHES_TRACKED)
+    }
+    return {"model": out, "__author__": "disco_jax", "matching_heuristics": True}
+
+
+def export_encoder(
+    encoder_dir: str, output: str, fmt: str = "torchvision", prefix: str = ""
+) -> dict:
+    """Write an encoder directory (a converted teacher or a trained student's ``encoder``) as a
+    torch state dict (``fmt='torchvision'``: ``torch.save`` of torchvision/timm-named tensors,
+    head included) or a detectron2 backbone (``fmt='detectron2'``: a pickle for ``.pkl``, else
+    ``torch.save`` of the same dict with tensors). Returns the encoder's manifest."""
+    import pickle
+
+    import torch
+
+    from disco_jax import checkpoint
+
+    variables, manifest = checkpoint.load_encoder(encoder_dir)
+    name, kwargs = manifest["model"], dict(manifest.get("model_kwargs", {}))
+    if fmt == "torchvision":
+        torch.save(to_torch(variables, name, prefix=prefix, **kwargs), output)
+    elif fmt == "detectron2":
+        obj = to_detectron2(variables, name, **kwargs)
+        if output.endswith(".pkl"):
+            with open(output, "wb") as f:
+                pickle.dump(obj, f)
+        else:
+            obj = {**obj, "model": {k: torch.from_numpy(v) for k, v in obj["model"].items()}}
+            torch.save(obj, output)
+    else:
+        raise unknown_name("export format", fmt, ("torchvision", "detectron2"))
+    return manifest
 
 
 # ---------------------------------------------------------------------------- files
