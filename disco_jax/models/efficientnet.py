@@ -289,7 +289,10 @@ class TimmMobileNetV3(nn.Module):
             for j in range(n):
                 b = blocks[i]
                 in_ch = stem if i == 0 else ch(b.in_ch)
-                cfg = b._replace(in_ch=in_ch, expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+                # timm's first (depthwise-separable) block convolves its input width: with the
+                # fixed 16-channel stem below width 0.75 that is not ch(16).
+                expanded = in_ch if i == 0 else ch(b.expanded)
+                cfg = b._replace(in_ch=in_ch, expanded=expanded, out_ch=ch(b.out_ch))
                 x = TimmBlock(cfg, i == 0, dtype, name=f"blocks_{stage}_{j}")(x, train)
                 i += 1
         last = f"blocks_{len(TIMM_STAGES[self.arch])}_0"
