@@ -76,7 +76,7 @@ def _tiny(name: str, **kwargs):
 
 def test_registry_lists_every_architecture():
     assert set(TORCHVISION_PARAMS) <= set(models.list_models())
-    assert sorted(models.list_heads()) == ["identity", "linear", "mlp"]
+    assert sorted(models.list_heads()) == ["identity", "linear", "mcl_embed", "mlp", "mlp_bn"]
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))

@@ -276,3 +276,19 @@ def test_stochastic_depth_and_dropout_need_rng_only_when_active():
         jax.eval_shape(sd_train, variables, x)
     # Eval mode never needs one.
     assert jax.eval_shape(sd.apply, variables, x).shape == (2, 10)
+
+
+def test_model_listing_uses_native_settings(capsys, monkeypatch):
+    from disco_jax.models import __main__ as listing
+
+    for name, (_, classes, _, size) in ZOO.items():
+        assert listing.native_setting(name) == (size, classes), name
+    assert listing.native_setting("resnet50") == (224, 1000)
+    # The printout, restricted to two models (FLOPs skipped: cost analysis is what is slow).
+    monkeypatch.setattr(listing, "list_models", lambda: ["resnet32", "mobilenet_v3_small"])
+    monkeypatch.setattr(listing, "_flops", lambda *a: None)
+    listing.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["resnet32", "472,756"] and out[1].endswith("32 px, 100 classes")
+    assert out[2].split()[:2] == ["mobilenet_v3_small", "2,542,856"]
+    assert out[2].endswith("224 px, 1000 classes") and "32 px / 100 classes" in out[-1]
