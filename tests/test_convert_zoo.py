@@ -538,3 +538,41 @@ def test_zoo_matches_torch_and_round_trips(name):
             assert torch.equal(exported[key], value), key
     tmodel.load_state_dict(exported, strict=True)
     _assert_trees_equal(convert.from_torch(exported, name, source, **kwargs), variables)
+
+
+def test_disco_student_with_timm_classifier_head(tmp_path):
+    """DisCo's timm students carry their MLP as 'classifier.0/2' (d -> 2048 -> 128)."""
+    student = TimmMobileNetV3Ref("small", 5, 0.25)
+    d = student.classifier.in_features
+    student.classifier = nn.Sequential(nn.Linear(d, 24), nn.ReLU(), nn.Linear(24, 16))
+    student = calibrate(randomize(student, seed=20), seed=20)
+    state = {f"module.encoder_q.{k}": v for k, v in student.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v.clone() for k, v in student.state_dict().items()}
+    state |= {"module.teacher_encoder_q.conv1.weight": torch.zeros(1)}
+    state |= {"module.queue": torch.zeros(16, 8), "module.queue_ptr": torch.zeros(1)}
+    path = str(tmp_path / "disco_mbv3.pth.tar")
+    torch.save({"epoch": 200, "state_dict": state}, path)
+    x = _image((2, 3, 32, 32), seed=21)
+    with torch.no_grad():
+        t_feats = student.pooled_features(x).numpy()
+        t_embed = student(x).numpy()
+
+    kwargs = {"width": 0.25}
+    name = "mobilenetv3_small_100"
+    result = convert.convert(convert.load_torch_file(path), name, "disco", **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp", 24, 16)
+    encoder = models.Encoder(
+        backbone=models.create(name, num_classes=0, **kwargs),
+        head=models.create_head("mlp", out_dim=16, hidden_dim=24),
+    )
+    out = _jit(functools.partial(encoder.apply, train=False))(result.variables, _nhwc(x))
+    _assert_close(np.asarray(out["features"]), t_feats)
+    _assert_close(np.asarray(out["embedding"]), t_embed)
+
+    # Back under DisCo's names (head as 'classifier'), strict load into the student, re-import.
+    exported = convert.to_torch(
+        result.variables, name, keys=list(student.state_dict()), head_module="classifier", **kwargs
+    )
+    student.load_state_dict(exported, strict=True)
+    prefixed = {f"module.encoder_q.{k}": v for k, v in exported.items()}
+    _assert_trees_equal(convert.from_torch(prefixed, name, "disco", **kwargs), result.variables)
