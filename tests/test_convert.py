@@ -461,7 +461,7 @@ def test_unknown_format_is_reported(small_state):
 # ---------------------------------------------------------------- SwAV, SEED, DisCo, SimCLR
 
 
-def _tiny_resnet(seed: int) -> ResNet:
+def _tiny_resnet() -> ResNet:
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=0, width=0.25, stem="cifar")
 
 
@@ -476,7 +476,7 @@ def _encoder_outputs(variables, head: str, embed: int, hidden: int, x):
 
 def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
     """SwAV: 'module.*' backbone, projection_head Linear-BN1d-ReLU-Linear, prototypes dropped."""
-    enc = _tiny_resnet(0)
+    enc = _tiny_resnet()
     enc.projection_head = nn.Sequential(
         nn.Linear(enc.feature_dim, 40), nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 16)
     )
@@ -523,7 +523,7 @@ def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
 
 def _student_checkpoint(fmt: str, hidden: int, seed: int) -> tuple[ResNet, dict]:
     """A SEED or DisCo training checkpoint whose student is a tiny ResNet-18 with an MLP fc."""
-    enc = _tiny_resnet(seed)
+    enc = _tiny_resnet()
     d = enc.feature_dim
     enc.fc = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 16))
     randomize(enc, seed)

@@ -528,11 +528,12 @@ def test_zoo_matches_torch_and_round_trips(name):
     _assert_close(feats, t_feats)
     _assert_close(logits, t_logits)
 
-    # Export with the reference's names (timm/SEED module names contain '_'), strict load,
-    # re-import: all exact.
+    # Export (timm's module names keep their '_'), strict load, re-import: all exact.
     original = tmodel.state_dict()
-    exported = convert.to_torch(variables, name, keys=list(original), **kwargs)
+    exported = convert.to_torch(variables, name, **kwargs)  # names rebuilt from the rule
     assert set(exported) == set(original)
+    via_keys = convert.to_torch(variables, name, keys=list(original), **kwargs)
+    assert list(via_keys) == list(exported)
     for key, value in original.items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(exported[key], value), key
@@ -570,9 +571,7 @@ def test_disco_student_with_timm_classifier_head(tmp_path):
     _assert_close(np.asarray(out["embedding"]), t_embed)
 
     # Back under DisCo's names (head as 'classifier'), strict load into the student, re-import.
-    exported = convert.to_torch(
-        result.variables, name, keys=list(student.state_dict()), head_module="classifier", **kwargs
-    )
+    exported = convert.to_torch(result.variables, name, head_module="classifier", **kwargs)
     student.load_state_dict(exported, strict=True)
     prefixed = {f"module.encoder_q.{k}": v for k, v in exported.items()}
     _assert_trees_equal(convert.from_torch(prefixed, name, "disco", **kwargs), result.variables)

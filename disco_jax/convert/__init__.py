@@ -123,8 +123,9 @@ FORMATS: dict[str, SourceFormat] = {
         classifier=False,
     ),
     # tonylins/simclr-converter writes {'state_dict': torchvision resnet50x{1,2,4}} (x2/x4 widen
-    # every layer like SwAV: use swav_resnet50w2/w4); its fc.bias is never set (a converter bug),
-    # so the supervised fc is usually ignored ('fc.*'). SEED re-hosts it as {'model': ...} with
+    # every layer like SwAV: use swav_resnet50w2/w4). Its fc.bias is never set (a converter bug:
+    # it assigns fc.weight.bias), which does not matter for an encoder (convert_file drops the
+    # classifier after checking its shape). SEED re-hosts it as {'model': ...} with
     # 'module.module.module.' in front.
     "simclr": SourceFormat(
         "SimCLR converted to torch (tonylins/simclr-converter): torchvision ResNet-50 names",
@@ -511,8 +512,9 @@ def to_torch(
     ``variables`` is the ``{"params", "batch_stats"}`` of ``create(name, ..., **model_kwargs)``
     (with or without its classifier) or of an Encoder built on it (its head is exported under
     the head's own names, e.g. MoCo's ``fc.0``/``fc.2``). Every key gets ``prefix``. Names are
-    rebuilt by turning '_' into '.', which is right for every torchvision model here; pass the
-    target's ``keys`` (e.g. ``model.state_dict().keys()``) when module names contain '_'.
+    rebuilt by `names.torch_module` ('_' -> '.' except in timm's ``conv_stem``-like names),
+    which is right for every model registered here; pass the target's ``keys`` (e.g.
+    ``model.state_dict().keys()``) for other torch names that contain '_'.
     ``head_module`` renames the head's 'fc' (e.g. 'projection_head' for SwAV, 'classifier' for
     DisCo's EfficientNet students).
     """
@@ -576,7 +578,7 @@ def to_torch(
             state[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
         for bn in names.bn_modules(tree_leaves):
             norm = norm_of(f"{bn.module}.{names.NUM_BATCHES_TRACKED}")
-            default = default_of(f"{bn.module.replace('_', '.')}.{names.NUM_BATCHES_TRACKED}")
+            default = default_of(f"{names.torch_module(bn.module)}.{names.NUM_BATCHES_TRACKED}")
             state[torch_key(norm, default)] = torch.zeros((), dtype=torch.long)
     if unresolved:
         raise ConfigError(
