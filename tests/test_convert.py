@@ -510,9 +510,13 @@ def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
     out_dir = str(tmp_path / "teacher")
     argv = ["swav", "resnet18", path, out_dir, "--model-kwarg", "width=0.25"]
     assert convert_main([*argv, "--model-kwarg", "stem=cifar"]) == 0
-    _, manifest = checkpoint.load_encoder(out_dir)
+    loaded, manifest = checkpoint.load_encoder(out_dir)
     assert (manifest["head"], manifest["head_hidden"], manifest["embed_dim"]) == ("mlp_bn", 40, 16)
     assert manifest["source_format"] == "swav"
+    # The teacher the trainer builds from the manifest gives SwAV's head output.
+    teacher = models.build_encoder(manifest)
+    out = _jit(functools.partial(teacher.apply, train=False))(loaded, _nhwc(x))
+    np.testing.assert_allclose(np.asarray(out["embedding"]), t_embed, **TOL)
 
     # A missing head BN statistic is reported under SwAV's own name.
     state = {f"module.{k}": v for k, v in enc.state_dict().items()}
