@@ -453,22 +453,212 @@ def test_classifier_size_and_ignore_patterns(small_state):
     )
 
 
-def test_swav_projection_head_needs_explicit_ignore(small_state):
-    backbone = {k: v for k, v in small_state.items() if not k.startswith("fc.")}
-    state = {f"module.{k}": v for k, v in backbone.items()}
-    state |= {
-        "module.projection_head.0.weight": torch.zeros(64, 128),
-        "module.projection_head.1.running_mean": torch.zeros(64),
-        "module.prototypes.weight": torch.zeros(30, 16),
-    }
-    with pytest.raises(ConfigError, match=r"projection head.*--ignore 'projection_head\.\*'"):
-        convert.from_torch(state, "resnet18", "swav", width=0.25)
-    variables = convert.from_torch(
-        state, "resnet18", "swav", ignore=["projection_head.*"], width=0.25
+def test_unknown_format_is_reported(small_state):
+    with pytest.raises(ConfigError, match="unknown source format 'simclr2'"):
+        convert.from_torch(small_state, "resnet18", "simclr2")
+
+
+# ---------------------------------------------------------------- SwAV, SEED, DisCo, SimCLR
+
+
+def _tiny_resnet() -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=0, width=0.25, stem="cifar")
+
+
+def _encoder_outputs(variables, head: str, embed: int, hidden: int, x):
+    encoder = models.Encoder(
+        backbone=models.create("resnet18", num_classes=0, width=0.25, stem="cifar"),
+        head=models.create_head(head, out_dim=embed, hidden_dim=hidden),
     )
-    _assert_trees_equal(variables, _convert(backbone))
-    with pytest.raises(ConfigError, match="unknown source format 'simclr'"):
-        convert.from_torch(state, "resnet18", "simclr")
+    out = _jit(functools.partial(encoder.apply, train=False))(variables, _nhwc(x))
+    return np.asarray(out["features"]), np.asarray(out["embedding"])
+
+
+def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
+    """SwAV: 'module.*' backbone, projection_head Linear-BN1d-ReLU-Linear, prototypes dropped."""
+    enc = _tiny_resnet()
+    enc.projection_head = nn.Sequential(
+        nn.Linear(enc.feature_dim, 40), nn.BatchNorm1d(40), nn.ReLU(), nn.Linear(40, 16)
+    )
+    enc.prototypes = nn.Linear(16, 30, bias=False)
+    randomize(enc, seed=7)
+    path = str(tmp_path / "swav_800ep_pretrain.pth.tar")
+    torch.save({f"module.{k}": v for k, v in enc.state_dict().items()}, path)
+    x = _image((2, 3, 16, 16), seed=8)
+    with torch.no_grad():
+        t_feats = enc.features(x)
+        t_embed = enc.projection_head(t_feats).numpy()  # eval mode: BN1d running statistics
+
+    kwargs = {"width": 0.25, "stem": "cifar"}
+    result = convert.convert(convert.load_torch_file(path), "resnet18", "swav", **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp_bn", 40, 16)
+    assert set(result.variables["batch_stats"]) == {"backbone", "head"}
+    feats, embed = _encoder_outputs(result.variables, "mlp_bn", 16, 40, x)
+    np.testing.assert_allclose(feats, t_feats.numpy(), **TOL)
+    np.testing.assert_allclose(embed, t_embed, **TOL)
+
+    # Export under SwAV's names and re-import: exact; prototypes are the only keys not back.
+    exported = convert.to_torch(
+        result.variables, "resnet18", prefix="module.", head_module="projection_head", **kwargs
+    )
+    original = {f"module.{k}" for k in enc.state_dict()}
+    assert original - set(exported) == {"module.prototypes.weight"}
+    _assert_trees_equal(
+        convert.from_torch(exported, "resnet18", "swav", **kwargs), result.variables
+    )
+
+    out_dir = str(tmp_path / "teacher")
+    argv = ["swav", "resnet18", path, out_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main([*argv, "--model-kwarg", "stem=cifar"]) == 0
+    loaded, manifest = checkpoint.load_encoder(out_dir)
+    assert (manifest["head"], manifest["head_hidden"], manifest["embed_dim"]) == ("mlp_bn", 40, 16)
+    assert manifest["source_format"] == "swav"
+    # The teacher the trainer builds from the manifest gives SwAV's head output.
+    teacher = models.build_encoder(manifest)
+    out = _jit(functools.partial(teacher.apply, train=False))(loaded, _nhwc(x))
+    np.testing.assert_allclose(np.asarray(out["embedding"]), t_embed, **TOL)
+
+    # A missing head BN statistic is reported under SwAV's own name.
+    state = {f"module.{k}": v for k, v in enc.state_dict().items()}
+    del state["module.projection_head.1.running_var"]
+    with pytest.raises(ConfigError, match=r"missing 1 key\(s\): module\.projection_head\.1\.run"):
+        convert.from_torch(state, "resnet18", "swav", **kwargs)
+
+
+def _student_checkpoint(fmt: str, hidden: int, seed: int) -> tuple[ResNet, dict]:
+    """A SEED or DisCo training checkpoint whose student is a tiny ResNet-18 with an MLP fc."""
+    enc = _tiny_resnet()
+    d = enc.feature_dim
+    enc.fc = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 16))
+    randomize(enc, seed)
+    other = {k: torch.randn_like(v.float()) for k, v in enc.state_dict().items()}
+    if fmt == "seed":  # seed/builder.py: student, teacher, queue (DDP 'module.')
+        state = {f"module.student.{k}": v for k, v in enc.state_dict().items()}
+        state |= {f"module.teacher.{k}": v for k, v in other.items()}
+    else:  # DisCo builder: encoder_q (student), encoder_k, teacher_encoder_q/_k, queue
+        state = {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}
+        for sub in ("encoder_k", "teacher_encoder_q", "teacher_encoder_k"):
+            state |= {f"module.{sub}.{k}": v for k, v in other.items()}
+    state |= {"module.queue": torch.randn(16, 64), "module.queue_ptr": torch.zeros(1)}
+    return enc, {"epoch": 200, "arch": "resnet18", "state_dict": state, "optimizer": {}}
+
+
+@pytest.mark.parametrize(("fmt", "hidden"), [("seed", 32), ("disco", 48)])
+def test_seed_and_disco_student_checkpoints(tmp_path, fmt, hidden):
+    # SEED's student head is d -> d -> 128 (d = 32 here); DisCo's is d -> 2048 -> 128 (48 here).
+    enc, ckpt = _student_checkpoint(fmt, hidden, seed=9)
+    path = str(tmp_path / f"{fmt}.pth.tar")
+    torch.save(ckpt, path)
+    x = _image((2, 3, 16, 16), seed=10)
+    with torch.no_grad():
+        t_feats = enc.features(x)
+        t_embed = enc.fc(t_feats).numpy()
+    kwargs = {"width": 0.25, "stem": "cifar"}
+    result = convert.convert(convert.load_torch_file(path), "resnet18", fmt, **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp", hidden, 16)
+    feats, embed = _encoder_outputs(result.variables, "mlp", 16, hidden, x)
+    np.testing.assert_allclose(feats, t_feats.numpy(), **TOL)
+    np.testing.assert_allclose(embed, t_embed, **TOL)
+    # The teacher / key encoder weights were dropped, not mixed in.
+    prefix = "module.student." if fmt == "seed" else "module.encoder_q."
+    np.testing.assert_array_equal(
+        result.variables["params"]["backbone"]["conv1"]["kernel"],
+        ckpt["state_dict"][f"{prefix}conv1.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    # A student key under another prefix is unexpected, and named.
+    state = dict(ckpt["state_dict"])
+    state["module.student_x.conv1.weight"] = state[f"{prefix}conv1.weight"]
+    with pytest.raises(ConfigError, match=r"unexpected 1 key\(s\): module\.student_x\.conv1"):
+        convert.from_torch(state, "resnet18", fmt, **kwargs)
+
+
+def test_simclr_converted_checkpoints(tmp_path, small_state):
+    # tonylins/simclr-converter: {'state_dict': torchvision names}; SEED's re-hosted copy:
+    # {'model': 'module.module.module.' + torchvision names}.
+    direct = _convert(small_state)
+    for wrapped in (
+        {"state_dict": small_state},
+        {"model": {f"module.module.module.{k}": v for k, v in small_state.items()}},
+    ):
+        path = str(tmp_path / "simclr.pth")
+        torch.save(wrapped, path)
+        variables = convert.from_torch(
+            convert.load_torch_file(path), "resnet18", "simclr", width=0.25
+        )
+        _assert_trees_equal(variables, direct)
+    manifest = convert.convert_file(
+        "simclr", "resnet18", path, str(tmp_path / "enc"), ignore=["fc.*"], width=0.25
+    )
+    assert (manifest["head"], manifest["source_format"]) == ("identity", "simclr")
+
+
+# ---------------------------------------------------------------- detectron2 export
+
+
+def _moco_detectron2_script(state: dict) -> dict:
+    """MoCo's detection/convert-pretrain-to-detectron2.py loop, verbatim in its logic."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue  # disco_jax leaves these out on purpose
+        if "layer" not in k:
+            k = "stem." + k
+        for t in [1, 2, 3, 4]:
+            k = k.replace("layer{}".format(t), "res{}".format(t + 1))  # noqa: UP032
+        for t in [1, 2, 3]:
+            k = k.replace("bn{}".format(t), "conv{}.norm".format(t))  # noqa: UP032
+        k = k.replace("downsample.0", "shortcut")
+        k = k.replace("downsample.1", "shortcut.norm")
+        out[k] = v.numpy()
+    return out
+
+
+@pytest.mark.parametrize("name", list(RESNETS))
+def test_detectron2_export_renames_like_moco(tmp_path, name):
+    block, layers, kwargs, nc, _ = RESNETS[name]
+    tmodel = randomize(ResNet(block, layers, nc, **kwargs), seed=11)
+    variables = convert.from_torch(tmodel.state_dict(), name, **kwargs)
+    obj = convert.to_detectron2(variables, name, **kwargs)
+    assert obj["__author__"] == "disco_jax" and obj["matching_heuristics"] is True
+    want = _moco_detectron2_script(tmodel.state_dict())
+    assert set(obj["model"]) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(obj["model"][k], v, err_msg=k)
+    names = set(obj["model"])
+    assert {"stem.conv1.weight", "stem.conv1.norm.running_var", "res3.0.shortcut.weight"} <= names
+    assert "res3.0.shortcut.norm.bias" in names
+    if block is Bottleneck:
+        assert "res5.2.conv3.norm.weight" in names and "res2.0.shortcut.weight" in names
+    else:
+        assert "res5.1.conv2.norm.weight" in names and "res2.0.shortcut.weight" not in names
+
+
+def test_export_cli_torchvision_and_detectron2(tmp_path, capsys):
+    import pickle
+
+    tmodel = randomize(ResNet(BasicBlock, (2, 2, 2, 2), 10, width=0.25), seed=12)
+    path = str(tmp_path / "sup.pth")
+    torch.save(tmodel.state_dict(), path)
+    enc_dir = str(tmp_path / "enc")
+    argv = ["torchvision", "resnet18", path, enc_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main(argv) == 0
+    pkl = str(tmp_path / "d2.pkl")
+    assert convert_main(["export", enc_dir, pkl, "--to", "detectron2"]) == 0
+    with open(pkl, "rb") as f:
+        obj = pickle.load(f)
+    want = _moco_detectron2_script(tmodel.state_dict())
+    assert set(obj["model"]) == set(want)
+    key = "res4.1.conv2.norm.running_mean"
+    np.testing.assert_array_equal(obj["model"][key], want[key])
+    pth = str(tmp_path / "backbone.pth")
+    assert convert_main(["export", enc_dir, pth]) == 0
+    loaded = torch.load(pth, weights_only=True)
+    tmodel.fc = None  # the encoder has no classifier
+    assert set(loaded) == set(tmodel.state_dict())
+    tmodel.load_state_dict(loaded, strict=True)
+    # Not a ResNet: one clear line.
+    with pytest.raises(ConfigError, match="detectron2 export needs a torchvision-layout ResNet"):
+        convert.to_detectron2({}, "mobilenet_v3_large")
 
 
 # ---------------------------------------------------------------- unsafe / broken files

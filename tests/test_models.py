@@ -76,7 +76,7 @@ def _tiny(name: str, **kwargs):
 
 def test_registry_lists_every_architecture():
     assert set(TORCHVISION_PARAMS) <= set(models.list_models())
-    assert sorted(models.list_heads()) == ["identity", "linear", "mlp"]
+    assert sorted(models.list_heads()) == ["identity", "linear", "mcl_embed", "mlp", "mlp_bn"]
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
@@ -207,7 +207,7 @@ def test_unknown_names_and_options_raise_config_error():
     with pytest.raises(ConfigError, match="resnet50.*") as err:
         models.create("resnet5")
     assert all(name in str(err.value) for name in models.list_models())
-    with pytest.raises(ConfigError, match="identity, linear, mlp"):
+    with pytest.raises(ConfigError, match="identity, linear, mcl_embed, mlp, mlp_bn"):
         models.create_head("mlp3")
     with pytest.raises(ConfigError, match="stem"):
         models.create("mobilenet_v3_small", stem="cifar")

@@ -82,6 +82,12 @@ ZOO = {
     "wide_resnet50_2": (68_883_240, 1000, 2048, 224),
     "mobilenetv3_large_100": (5_483_032, 1000, 1280, 224),
     "mobilenetv3_small_100": (2_542_856, 1000, 1024, 224),
+    # timm's efficientnet_b0/b1: torchvision's network under timm's names (timm: 5.29M / 7.79M).
+    "timm_efficientnet_b0": (5_288_548, 1000, 1280, 224),
+    "timm_efficientnet_b1": (7_794_184, 1000, 1280, 224),
+    # SEED's MobileNetV3: torchvision's channels, Linear SE layers (same params as 1x1 convs).
+    "seed_mobilenetv3_large": (5_483_032, 1000, 1280, 224),
+    "seed_mobilenetv3_small": (2_542_856, 1000, 1024, 224),
     "swav_resnet50w2": (98_004_072, 1000, 4096, 224),
     "swav_resnet50w4": (383_571_176, 1000, 8192, 224),
     "swav_resnet50w5": (596_691_240, 1000, 10240, 224),
@@ -93,6 +99,8 @@ ZOO = {
     "wrn_28_4": (5_872_180, 100, 256, 32),
 }
 CLASSIFIER = {
+    "timm": "classifier",
+    "seed": "fc",
     "efficientnet": "classifier_1",
     "mobilenetv3": "classifier",
     "wide": "fc",
@@ -268,3 +276,19 @@ def test_stochastic_depth_and_dropout_need_rng_only_when_active():
         jax.eval_shape(sd_train, variables, x)
     # Eval mode never needs one.
     assert jax.eval_shape(sd.apply, variables, x).shape == (2, 10)
+
+
+def test_model_listing_uses_native_settings(capsys, monkeypatch):
+    from disco_jax.models import __main__ as listing
+
+    for name, (_, classes, _, size) in ZOO.items():
+        assert listing.native_setting(name) == (size, classes), name
+    assert listing.native_setting("resnet50") == (224, 1000)
+    # The printout, restricted to two models (FLOPs skipped: cost analysis is what is slow).
+    monkeypatch.setattr(listing, "list_models", lambda: ["resnet32", "mobilenet_v3_small"])
+    monkeypatch.setattr(listing, "_flops", lambda *a: None)
+    listing.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["resnet32", "472,756"] and out[1].endswith("32 px, 100 classes")
+    assert out[2].split()[:2] == ["mobilenet_v3_small", "2,542,856"]
+    assert out[2].endswith("224 px, 1000 classes") and "32 px / 100 classes" in out[-1]

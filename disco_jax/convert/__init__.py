@@ -19,8 +19,8 @@
   ``teacher.init`` accepts.
 
 Source formats (`FORMATS`) are small declarative entries: key prefixes, an optional projection
-head layout, keys always dropped and keys known to be unsupported. A new format such as SimCLR
-or a DisCo/SEED export is one more entry.
+head layout, keys always dropped and keys known to be unsupported: torchvision, timm, moco,
+swav (projection head with BN -> `mlp_bn`), simclr, seed and disco (student checkpoints).
 
 torch is imported lazily, only by the functions that need it; training never imports it.
 """
@@ -50,8 +50,11 @@ __all__ = [
     "SourceFormat",
     "convert",
     "convert_file",
+    "detectron2_name",
+    "export_encoder",
     "from_torch",
     "load_torch_file",
+    "to_detectron2",
     "to_torch",
 ]
 
@@ -68,6 +71,15 @@ class HeadLayout:
     head: str  # a disco_jax head name (`models.create_head`)
     out_layer: str  # the last Linear: its output width is the embedding size
     hidden_layer: str | None = None  # the first Linear of a two-layer head: its width is hidden
+    # The head's torch module, standing in for the 'fc' of disco_jax's head names (fc_0 / fc_1 /
+    # fc_3 / fc): SwAV's 'projection_head', DisCo's 'classifier' on EfficientNet/MobileNetV3.
+    module: str = "fc"
+
+    def torch_norm(self, norm_key: str) -> str:
+        """A head leaf's normalised key as the checkpoint spells it."""
+        if self.module != "fc" and (norm_key.startswith("fc_") or norm_key.startswith("fc.")):
+            return self.module.replace(".", "_") + norm_key[2:]
+        return norm_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +114,49 @@ FORMATS: dict[str, SourceFormat] = {
     ),
     "swav": SourceFormat(
         "SwAV (facebookresearch/swav): 'module.*' ResNet keys, projection head, prototypes",
+        # Linear -> BatchNorm1d -> ReLU -> Linear (hidden_mlp > 0) or one Linear (hidden_mlp 0).
+        heads=(
+            HeadLayout("mlp_bn", "projection_head.3", "projection_head.0", "projection_head"),
+            HeadLayout("linear", "projection_head", module="projection_head"),
+        ),
         drop=("module.prototypes.*", "prototypes.*"),
-        unsupported=(
-            (
-                "projection_head.*",
-                "SwAV's projection head (Linear-BatchNorm1d-ReLU-Linear) has no disco_jax head yet",
-            ),
+        classifier=False,
+    ),
+    # tonylins/simclr-converter writes {'state_dict': torchvision resnet50x{1,2,4}} (x2/x4 widen
+    # every layer like SwAV: use swav_resnet50w2/w4). Its fc.bias is never set (a converter bug:
+    # it assigns fc.weight.bias), which does not matter for an encoder (convert_file drops the
+    # classifier after checking its shape). SEED re-hosts it as {'model': ...} with
+    # 'module.module.module.' in front.
+    "simclr": SourceFormat(
+        "SimCLR converted to torch (tonylins/simclr-converter): torchvision ResNet-50 names",
+        prefixes=("module.module.module.", "module.", ""),
+    ),
+    # jacobswan1/SEED main.py saves the DDP-wrapped SEED module: the student (with its
+    # Linear(d, d) -> ReLU -> Linear(d, 128) fc when --student_mlp), the frozen teacher, the queue.
+    "seed": SourceFormat(
+        "SEED student (jacobswan1/SEED): 'state_dict' with 'module.student.*'",
+        prefixes=("module.student.", "student."),
+        heads=(HeadLayout("mlp", "fc.2", "fc.0"), HeadLayout("linear", "fc")),
+        drop=("module.teacher.*", "teacher.*", "module.queue*", "queue*"),
+        classifier=False,
+    ),
+    # Yuting-Gao/DisCo-pytorch (builder_kq_mse_largeembedding_2048.py): the student is encoder_q
+    # with Linear(d, 2048) -> ReLU -> Linear(2048, 128) as 'classifier' (timm EfficientNet /
+    # MobileNetV3) or 'fc' (ResNets); encoder_k, both teacher copies and the queue are dropped.
+    "disco": SourceFormat(
+        "DisCo student (Yuting-Gao/DisCo-pytorch): 'state_dict' with 'module.encoder_q.*'",
+        prefixes=("module.encoder_q.", "encoder_q."),
+        heads=(
+            HeadLayout("mlp", "classifier.2", "classifier.0", "classifier"),
+            HeadLayout("mlp", "fc.2", "fc.0"),
+        ),
+        drop=(
+            "module.encoder_k.*",
+            "encoder_k.*",
+            "module.teacher_encoder_*",
+            "teacher_encoder_*",
+            "module.queue*",
+            "queue*",
         ),
         classifier=False,
     ),
@@ -122,6 +171,20 @@ class _Part:
     prefix: str
     leaves: list[Leaf]
     init: Any  # () -> real variables, only called when an ignored variable needs a value
+    layout: HeadLayout | None = None  # for a head: how the checkpoint names its module
+
+    def norm(self, norm_key: str) -> str:
+        return norm_key if self.layout is None else self.layout.torch_norm(norm_key)
+
+    def default_key(self, leaf: Leaf) -> str:
+        norm = self.norm(leaf.norm_key)
+        if norm == leaf.norm_key:
+            return self.prefix + leaf.default_torch_key()
+        # Only the head's module is renamed; its children are numbered ('0', '1', '3').
+        module, _, rest = norm.partition(".")
+        head = self.layout.module if self.layout else ""
+        tail = module[len(head.replace(".", "_")) :].replace("_", ".")
+        return f"{self.prefix}{head}{tail}.{rest}"
 
 
 @dataclasses.dataclass
@@ -307,7 +370,9 @@ def convert(
         head_model = models.create_head(layout.head, out_dim=embed_dim, hidden_dim=hidden or None)
         feats = jnp.zeros((1, feature_dim(name, model_kwargs)), jnp.float32)
         head_leaves = names.leaves(jax.eval_shape(head_model.init, jax.random.key(0), feats))
-        parts.append(_Part("head", prefix, head_leaves, lambda: _real_init(head_model, feats)))
+        parts.append(
+            _Part("head", prefix, head_leaves, lambda: _real_init(head_model, feats), layout)
+        )
 
     # Normalised key -> checkpoint key, for keys under the prefix.
     index: dict[str, str] = {}
@@ -331,8 +396,8 @@ def convert(
     for part in parts:
         tree: dict = {}
         for leaf in part.leaves:
-            key = index.get(leaf.norm_key)
-            wanted = key or part.prefix + leaf.default_torch_key()
+            key = index.get(part.norm(leaf.norm_key))
+            wanted = key or part.default_key(leaf)
             value = None
             if key is not None:
                 used.add(key)
@@ -351,7 +416,7 @@ def convert(
             else:
                 names.set_path(tree, leaf.collection, leaf.path, value)
         for bn in names.bn_modules(part.leaves):
-            key = index.get(f"{bn.module}.{names.NUM_BATCHES_TRACKED}")
+            key = index.get(part.norm(f"{bn.module}.{names.NUM_BATCHES_TRACKED}"))
             if key is not None:
                 used.add(key)
         out[part.where] = tree
@@ -439,6 +504,7 @@ def to_torch(
     *,
     prefix: str = "",
     keys: Sequence[str] | None = None,
+    head_module: str = "fc",
     **model_kwargs: Any,
 ) -> dict[str, Any]:
     """torch tensors named like torchvision's, loadable with ``strict=True``.
@@ -446,8 +512,11 @@ def to_torch(
     ``variables`` is the ``{"params", "batch_stats"}`` of ``create(name, ..., **model_kwargs)``
     (with or without its classifier) or of an Encoder built on it (its head is exported under
     the head's own names, e.g. MoCo's ``fc.0``/``fc.2``). Every key gets ``prefix``. Names are
-    rebuilt by turning '_' into '.', which is right for every torchvision model here; pass the
-    target's ``keys`` (e.g. ``model.state_dict().keys()``) when module names contain '_'.
+    rebuilt by `names.torch_module` ('_' -> '.' except in timm's ``conv_stem``-like names),
+    which is right for every model registered here; pass the target's ``keys`` (e.g.
+    ``model.state_dict().keys()``) for other torch names that contain '_'.
+    ``head_module`` renames the head's 'fc' (e.g. 'projection_head' for SwAV, 'classifier' for
+    DisCo's EfficientNet students).
     """
     import torch
 
@@ -491,24 +560,107 @@ def to_torch(
         return resolve.get(norm) or prefix + default
 
     state: dict[str, Any] = {}
-    for tree in (backbone, head):
+    layout = HeadLayout("", "", module=head_module)
+
+    def head_default(key: str) -> str:
+        return head_module + key[2:] if key.startswith("fc.") else key
+
+    for tree, is_head in ((backbone, False), (head, True)):
+        norm_of = layout.torch_norm if is_head else (lambda k: k)
+        default_of = head_default if is_head else (lambda k: k)
         tree_leaves = names.leaves(tree)
         for leaf in tree_leaves:
             node = tree[leaf.collection]
             for p in leaf.path:
                 node = node[p]
-            key = torch_key(leaf.norm_key, leaf.default_torch_key())
+            key = torch_key(norm_of(leaf.norm_key), default_of(leaf.default_torch_key()))
             value = names.to_torch_layout(np.asarray(node), leaf)
             state[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
         for bn in names.bn_modules(tree_leaves):
-            norm = f"{bn.module}.{names.NUM_BATCHES_TRACKED}"
-            default = f"{bn.module.replace('_', '.')}.{names.NUM_BATCHES_TRACKED}"
+            norm = norm_of(f"{bn.module}.{names.NUM_BATCHES_TRACKED}")
+            default = default_of(f"{names.torch_module(bn.module)}.{names.NUM_BATCHES_TRACKED}")
             state[torch_key(norm, default)] = torch.zeros((), dtype=torch.long)
     if unresolved:
         raise ConfigError(
             f"no target key for {len(unresolved)} variable(s): {_listing(unresolved)}"
         )
     return state
+
+
+# ---------------------------------------------------------------------------- detectron2
+
+
+def detectron2_name(key: str) -> str:
+    """A torchvision ResNet key renamed as MoCo's ``convert-pretrain-to-detectron2.py`` does.
+
+    Not in a layer: ``stem.`` in front; ``layerN`` -> ``res{N+1}``; ``bn1/2/3`` ->
+    ``conv1/2/3.norm``; ``downsample.0`` -> ``shortcut``, ``downsample.1`` -> ``shortcut.norm``.
+    """
+    if "layer" not in key:
+        key = "stem." + key
+    for t in (1, 2, 3, 4):
+        key = key.replace(f"layer{t}", f"res{t + 1}")
+    for t in (1, 2, 3):
+        key = key.replace(f"bn{t}", f"conv{t}.norm")
+    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+
+
+def to_detectron2(variables: Mapping[str, Any], name: str, **model_kwargs: Any) -> dict:
+    """A detectron2 backbone checkpoint ``{"model": {name: ndarray}, "__author__",
+    "matching_heuristics": True}`` of a torchvision-layout ResNet (or of an Encoder on one).
+
+    Unlike MoCo's script, the classifier / projection head (``fc.*``, which detectron2 would
+    only report as unused) and the all-zero ``num_batches_tracked`` are left out.
+    """
+    from disco_jax.models import resnet
+
+    ctor = models._MODELS.get(name)  # noqa: SLF001 -- the registry is this package's own
+    if ctor is None or ctor.func is not resnet.ResNet:
+        resnets = [n for n, c in models._MODELS.items() if c.func is resnet.ResNet]  # noqa: SLF001
+        raise ConfigError(
+            f"detectron2 export needs a torchvision-layout ResNet ({', '.join(resnets)}), got"
+            f" {name!r}"
+        )
+    params = variables.get("params", {})
+    if "backbone" in params:
+        variables = {c: variables[c]["backbone"] for c in variables if "backbone" in variables[c]}
+    state = to_torch(variables, name, **model_kwargs)
+    out = {
+        detectron2_name(k): v.numpy()
+        for k, v in state.items()
+        if not k.startswith("fc.") and not k.endswith(names.NUM_BATCHES_TRACKED)
+    }
+    return {"model": out, "__author__": "disco_jax", "matching_heuristics": True}
+
+
+def export_encoder(
+    encoder_dir: str, output: str, fmt: str = "torchvision", prefix: str = ""
+) -> dict:
+    """Write an encoder directory (a converted teacher or a trained student's ``encoder``) as a
+    torch state dict (``fmt='torchvision'``: ``torch.save`` of torchvision/timm-named tensors,
+    head included) or a detectron2 backbone (``fmt='detectron2'``: a pickle for ``.pkl``, else
+    ``torch.save`` of the same dict with tensors). Returns the encoder's manifest."""
+    import pickle
+
+    import torch
+
+    from disco_jax import checkpoint
+
+    variables, manifest = checkpoint.load_encoder(encoder_dir)
+    name, kwargs = manifest["model"], dict(manifest.get("model_kwargs", {}))
+    if fmt == "torchvision":
+        torch.save(to_torch(variables, name, prefix=prefix, **kwargs), output)
+    elif fmt == "detectron2":
+        obj = to_detectron2(variables, name, **kwargs)
+        if output.endswith(".pkl"):
+            with open(output, "wb") as f:
+                pickle.dump(obj, f)
+        else:
+            obj = {**obj, "model": {k: torch.from_numpy(v) for k, v in obj["model"].items()}}
+            torch.save(obj, output)
+    else:
+        raise unknown_name("export format", fmt, ("torchvision", "detectron2"))
+    return manifest
 
 
 # ---------------------------------------------------------------------------- files

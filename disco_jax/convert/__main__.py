@@ -1,7 +1,10 @@
 """``python -m disco_jax.convert FORMAT ARCH INPUT OUTPUT_DIR``: a torch checkpoint -> encoder dir.
 
-The output directory is what ``teacher.init`` takes. Bad input prints one ``error: ...`` line
-and exits with status 2.
+The output directory is what ``teacher.init`` takes. The other way round,
+``python -m disco_jax.convert export ENCODER_DIR OUTPUT [--to torchvision|detectron2]`` writes
+an encoder directory (e.g. a trained student's ``W/encoder``) as a torch state dict or a
+detectron2 ResNet backbone (``.pkl``). Bad input prints one ``error: ...`` line and exits with
+status 2.
 """
 
 from __future__ import annotations
@@ -24,8 +27,33 @@ def _kwarg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def export_main(argv: list[str]) -> int:
+    from disco_jax import convert
+
+    parser = argparse.ArgumentParser(
+        prog="python -m disco_jax.convert export",
+        description="Write a disco_jax encoder directory as a PyTorch / detectron2 checkpoint.",
+    )
+    parser.add_argument("encoder_dir", help="encoder directory (manifest + variables)")
+    parser.add_argument("output", help="output file (.pth; .pkl for a detectron2 pickle)")
+    parser.add_argument("--to", default="torchvision", choices=("torchvision", "detectron2"))
+    parser.add_argument("--prefix", default="", help="prefix for every key (torchvision only)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = convert.export_encoder(args.encoder_dir, args.output, args.to, args.prefix)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: {manifest['model']} as {args.to}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from disco_jax import convert, models
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="python -m disco_jax.convert",

@@ -42,6 +42,35 @@ LEAF_TO_TORCH: dict[tuple[str, str], str] = {
     ("batch_stats", "var"): "running_var",
 }
 NUM_BATCHES_TRACKED = "num_batches_tracked"
+# torch module names that contain '_' themselves (timm's blocks and heads, MCL's and SwAV's
+# heads): `torch_module` keeps them whole.
+TORCH_NAMES_WITH_UNDERSCORE = frozenset(
+    {
+        "conv_stem",
+        "conv_head",
+        "conv_dw",
+        "conv_pw",
+        "conv_pwl",
+        "conv_reduce",
+        "conv_expand",
+        "proj_head",
+        "projection_head",
+    }
+)
+
+
+def torch_module(module: str) -> str:
+    """``blocks_0_0_se_conv_reduce`` -> ``blocks.0.0.se.conv_reduce``."""
+    parts, out, i = module.split("_"), [], 0
+    while i < len(parts):
+        pair = "_".join(parts[i : i + 2])
+        if i + 1 < len(parts) and pair in TORCH_NAMES_WITH_UNDERSCORE:
+            out.append(pair)
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +101,10 @@ class Leaf:
         return f"{self.module}.{self.torch_leaf}"
 
     def default_torch_key(self) -> str:
-        """The torch key assuming torch module names contain no '_' (true for torchvision's
-        ResNet, MobileNetV3 and EfficientNet, and for the MoCo heads)."""
-        return f"{self.module.replace('_', '.')}.{self.torch_leaf}"
+        """The torch key: '_' -> '.', except inside the known torch names with '_' (timm's
+        ``conv_stem`` / ``conv_pw`` / ``se.conv_reduce`` ..., MCL's ``proj_head``); exact for
+        every model registered here."""
+        return f"{torch_module(self.module)}.{self.torch_leaf}"
 
     @property
     def is_kernel(self) -> bool:

@@ -7,9 +7,11 @@ float images; it returns logits (N, num_classes), or the pooled pre-logit featur
 (compute dtype; params stay float32), ResNet ``stem`` ('imagenet' or 'cifar'), MobileNetV3
 ``dropout``, EfficientNet ``dropout`` / ``stochastic_depth_prob``. Module names mirror the
 source implementation's state_dict paths ('.' -> '_'): torchvision's for ResNets,
-wide_resnet50_2, MobileNetV3 and EfficientNet, SwAV's (torchvision-like) for ``swav_resnet50w*``,
-timm's for ``mobilenetv3_*_100`` and winycg/MCL's for the CIFAR nets (``resnet32/56/110``,
-``wrn_*``; 32x32 inputs; pass ``num_classes=100`` for CIFAR-100, the default stays 1000). See
+wide_resnet50_2, MobileNetV3 and EfficientNet, SEED's for ``seed_mobilenetv3_*``, SwAV's
+(torchvision-like) for ``swav_resnet50w*``, timm's for ``mobilenetv3_*_100`` and
+``timm_efficientnet_b0/b1`` (timm's ``efficientnet_b0/b1``, prefixed so they do not clash with
+torchvision's names), and winycg/MCL's for the CIFAR nets (``resnet32/56/110``, ``wrn_*``;
+32x32 inputs; pass ``num_classes=100`` for CIFAR-100, the default stays 1000). See
 each module's docstring.
 
 ``create_head(name, out_dim, hidden_dim, dtype)`` builds a projection head, and
@@ -57,6 +59,9 @@ _MODELS: dict[str, partial[nn.Module]] = {
     "resnet152": resnet.resnet152,
     "mobilenet_v3_large": mobilenetv3.mobilenet_v3_large,
     "mobilenet_v3_small": mobilenetv3.mobilenet_v3_small,
+    # SEED's own MobileNetV3 (not torchvision's: SE before the activation, Linear SE layers).
+    "seed_mobilenetv3_large": mobilenetv3.seed_mobilenetv3_large,
+    "seed_mobilenetv3_small": mobilenetv3.seed_mobilenetv3_small,
     "wide_resnet50_2": resnet.wide_resnet50_2,
     "swav_resnet50w2": resnet.swav_resnet50w2,
     "swav_resnet50w4": resnet.swav_resnet50w4,
@@ -65,6 +70,9 @@ _MODELS: dict[str, partial[nn.Module]] = {
     "efficientnet_b1": efficientnet.efficientnet_b1,
     "mobilenetv3_large_100": efficientnet.mobilenetv3_large_100,
     "mobilenetv3_small_100": efficientnet.mobilenetv3_small_100,
+    # timm's efficientnet_b0/b1 names collide with torchvision's, hence the prefix.
+    "timm_efficientnet_b0": efficientnet.timm_efficientnet_b0,
+    "timm_efficientnet_b1": efficientnet.timm_efficientnet_b1,
     # CIFAR networks of MCL (3x3 stem, 32x32 inputs).
     "resnet32": cifar.resnet32,
     "resnet56": cifar.resnet56,

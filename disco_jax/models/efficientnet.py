@@ -1,4 +1,4 @@
-"""EfficientNet-B0/B1 (torchvision layout) and timm's MobileNetV3 (timm layout) in Flax Linen.
+"""EfficientNet-B0/B1 (torchvision and timm layouts) and timm's MobileNetV3 in Flax Linen.
 
 Both are built from the same pieces (conv-BN-act, depthwise conv, squeeze-excite), which is
 why timm's MobileNetV3 lives here: timm builds it with its EfficientNet builder.
@@ -228,11 +228,15 @@ class TimmBlock(nn.Module):
     cfg: BlockConfig  # channel counts already width-scaled
     depthwise: bool = False
     dtype: Dtype = jnp.float32
+    # timm EfficientNet instead of MobileNetV3: SiLU everywhere (SE included), a sigmoid gate
+    # and this SE width (round(in_ch * 0.25), from the block input, not make_divisible).
+    efficientnet_se: int = 0
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         cfg, dtype = self.cfg, self.dtype
-        act = nn.hard_swish if cfg.use_hs else nn.relu
+        effnet = self.efficientnet_se > 0
+        act = nn.silu if effnet else nn.hard_swish if cfg.use_hs else nn.relu
         conv = lambda n, k, name, stride=1, groups=1: _conv(
             n, k, name, dtype, stride, groups, kernel_init=_goog_conv_init(groups)
         )
@@ -247,8 +251,12 @@ class TimmBlock(nn.Module):
             # timm SqueezeExcite with force_act_layer=ReLU and a hard-sigmoid gate.
             se = lambda n, name: _conv(n, 1, name, dtype, bias=True, kernel_init=_goog_conv_init(1))
             s = jnp.mean(y, axis=(1, 2), keepdims=True)
-            s = nn.relu(se(make_divisible(cfg.expanded * 0.25), "se_conv_reduce")(s))
-            y = y * nn.hard_sigmoid(se(cfg.expanded, "se_conv_expand")(s))
+            if effnet:
+                s = nn.silu(se(self.efficientnet_se, "se_conv_reduce")(s))
+                y = y * nn.sigmoid(se(cfg.expanded, "se_conv_expand")(s))
+            else:
+                s = nn.relu(se(make_divisible(cfg.expanded * 0.25), "se_conv_reduce")(s))
+                y = y * nn.hard_sigmoid(se(cfg.expanded, "se_conv_expand")(s))
         # No activation after the projection in either block type (timm's pw_act=False).
         y = conv(cfg.out_ch, 1, "conv_pw" if self.depthwise else "conv_pwl")(y)
         y = _bn(train, dtype, f"bn{bn + 1}")(y)
@@ -281,7 +289,10 @@ class TimmMobileNetV3(nn.Module):
             for j in range(n):
                 b = blocks[i]
                 in_ch = stem if i == 0 else ch(b.in_ch)
-                cfg = b._replace(in_ch=in_ch, expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+                # timm's first (depthwise-separable) block convolves its input width: with the
+                # fixed 16-channel stem below width 0.75 that is not ch(16).
+                expanded = in_ch if i == 0 else ch(b.expanded)
+                cfg = b._replace(in_ch=in_ch, expanded=expanded, out_ch=ch(b.out_ch))
                 x = TimmBlock(cfg, i == 0, dtype, name=f"blocks_{stage}_{j}")(x, train)
                 i += 1
         last = f"blocks_{len(TIMM_STAGES[self.arch])}_0"
@@ -311,3 +322,66 @@ class TimmMobileNetV3(nn.Module):
 # torchvision's classifier.0 Linear(960, 1280); only names and layouts differ.
 mobilenetv3_large_100 = partial(TimmMobileNetV3, arch="large")
 mobilenetv3_small_100 = partial(TimmMobileNetV3, arch="small")
+
+
+# --------------------------------------------------------------------------------------------
+# timm EfficientNet-B0/B1 (registered as timm_efficientnet_b0/b1)
+
+
+class TimmEfficientNet(nn.Module):
+    """timm's ``efficientnet_b0/b1`` with its module names; ``num_classes=0`` drops ``classifier``.
+
+    Same network as torchvision's EfficientNet (same channels, depths, SE widths, SiLU, BN eps
+    1e-5; 5,288,548 / 7,794,184 params), laid out as timm: ``conv_stem``, ``bn1``, block j of
+    stage i ``blocks_{i}_{j}`` (stage 0: DepthwiseSeparableConv ``conv_dw``, ``bn1``,
+    ``se_conv_reduce``, ``se_conv_expand``, ``conv_pw``, ``bn2``; later stages
+    InvertedResidual ``conv_pw``, ``bn1``, ``conv_dw``, ``bn2``, ``se_*``, ``conv_pwl``,
+    ``bn3``), ``conv_head``, ``bn2``, ``classifier``. DisCo's students (``efficientb0/b1``) are
+    this layout. Classifier dropout defaults to 0 as in timm's constructor.
+    """
+
+    arch: str  # a key of EFFICIENTNET_ARCHS
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
+        width_mult, depth_mult = EFFICIENTNET_ARCHS[self.arch]
+        dtype = self.dtype
+        ch = lambda c: make_divisible(c * width_mult * self.width)
+        goog = _goog_conv_init(1)
+        in_ch = ch(_B0_STAGES[0].in_ch)
+        x = _conv(in_ch, 3, "conv_stem", dtype, stride=2, kernel_init=goog)(x)
+        x = nn.silu(_bn(train, dtype, "bn1")(x))
+        for i, st in enumerate(_B0_STAGES):
+            for j in range(int(math.ceil(st.num_layers * depth_mult))):
+                mid = in_ch if i == 0 else make_divisible(in_ch * st.expand_ratio)
+                cfg = BlockConfig(
+                    in_ch, st.kernel, mid, ch(st.out_ch), True, False, st.stride if j == 0 else 1
+                )
+                # timm divides the 0.25 SE ratio by the expansion (se_from_exp=False) and
+                # rounds: the squeeze width follows the block input.
+                se = round(mid * (0.25 / (1 if i == 0 else st.expand_ratio)))
+                x = TimmBlock(cfg, i == 0, dtype, se, name=f"blocks_{i}_{j}")(x, train)
+                in_ch = cfg.out_ch
+        x = _conv(ch(1280), 1, "conv_head", dtype, kernel_init=goog)(x)
+        x = nn.silu(_bn(train, dtype, "bn2")(x))
+        x = jnp.mean(x, axis=(1, 2))
+
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            return nn.Dense(
+                self.num_classes,
+                kernel_init=TIMM_LINEAR_INIT,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name="classifier",
+            )(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
+
+
+timm_efficientnet_b0 = partial(TimmEfficientNet, arch="b0")
+timm_efficientnet_b1 = partial(TimmEfficientNet, arch="b1")

@@ -198,3 +198,97 @@ class MobileNetV3(nn.Module):
 
 mobilenet_v3_large = partial(MobileNetV3, arch="large")
 mobilenet_v3_small = partial(MobileNetV3, arch="small")
+
+
+# --------------------------------------------------------------------------------------------
+# SEED's own MobileNetV3 (jacobswan1/SEED seed/architectures/mobilenet/mobilenetv3.py, a
+# d-li14-style port), registered as seed_mobilenetv3_large/small.
+
+
+class SeedBlock(nn.Module):
+    """SEED's InvertedResidual: children ``conv_{k}`` of its ``self.conv`` Sequential.
+
+    Without expansion: dw conv_0, BN conv_1, act, SE conv_3, pw conv_4, BN conv_5. With it:
+    pw conv_0, BN conv_1, act, dw conv_3, BN conv_4, SE conv_5, act, pwl conv_7, BN conv_8 --
+    note the SE *before* the activation here (torchvision applies it after). The SE is
+    ``conv_{k}_fc_0`` / ``conv_{k}_fc_2`` Linear layers; a missing SE is an Identity that keeps
+    its index.
+    """
+
+    cfg: BlockConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        cfg, dtype = self.cfg, self.dtype
+        act = nn.hard_swish if cfg.use_hs else nn.relu
+        conv = lambda n, k, name, stride=1, groups=1: layers.conv(
+            n, k, name, dtype, stride, groups, kernel_init=CONV_INIT
+        )
+        bn = lambda name: layers.batch_norm(train, dtype, name)  # torch defaults: 0.1, 1e-5
+        dense = lambda n, name: nn.Dense(
+            n, kernel_init=LINEAR_INIT, dtype=dtype, param_dtype=jnp.float32, name=name
+        )
+
+        def se(y: jnp.ndarray, k: int) -> jnp.ndarray:
+            if not cfg.use_se:
+                return y
+            c = y.shape[-1]
+            s = nn.relu(dense(make_divisible(c // 4), f"conv_{k}_fc_0")(jnp.mean(y, axis=(1, 2))))
+            return y * nn.hard_sigmoid(dense(c, f"conv_{k}_fc_2")(s))[:, None, None, :]
+
+        dw = lambda y, k: conv(cfg.expanded, cfg.kernel, f"conv_{k}", cfg.stride, cfg.expanded)(y)
+        if cfg.in_ch == cfg.expanded:
+            y = act(bn("conv_1")(dw(x, 0)))
+            y = bn("conv_5")(conv(cfg.out_ch, 1, "conv_4")(se(y, 3)))
+        else:
+            y = act(bn("conv_1")(conv(cfg.expanded, 1, "conv_0")(x)))
+            y = act(se(bn("conv_4")(dw(y, 3)), 5))
+            y = bn("conv_8")(conv(cfg.out_ch, 1, "conv_7")(y))
+        return x + y if cfg.stride == 1 and cfg.in_ch == cfg.out_ch else y
+
+
+class SeedMobileNetV3(nn.Module):
+    """SEED's MobileNetV3: ``features_{i}`` blocks, ``conv`` head, ``classifier_0``, ``fc``.
+
+    It differs from torchvision's in more than names: the SE of expanding blocks sits before
+    the activation, SE layers are Linear, and BN is torch's default (eps 1e-5, momentum 0.1).
+    Same channels and parameter count as torchvision's (5,483,032 Large, 2,542,856 Small). The
+    pooled feature is ``classifier_0`` + Hardswish (1280 / 1024), what SEED's student MLP
+    replaces ``fc`` on. ``width`` scales every width, the 1280/1024 layer included (SEED keeps
+    it fixed below width 1).
+    """
+
+    arch: str  # a key of ARCHS
+    num_classes: int = 1000
+    width: float = 1.0
+    dropout: float = 0.2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
+        blocks, last_channel = ARCHS[self.arch]
+        dtype = self.dtype
+        ch = lambda c: make_divisible(c * self.width)
+        dense = lambda n, name: nn.Dense(
+            n, kernel_init=LINEAR_INIT, dtype=dtype, param_dtype=jnp.float32, name=name
+        )
+        x = layers.conv(ch(blocks[0].in_ch), 3, "features_0_0", dtype, 2, kernel_init=CONV_INIT)(x)
+        x = nn.hard_swish(layers.batch_norm(train, dtype, "features_0_1")(x))
+        for i, b in enumerate(blocks, start=1):
+            cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
+            x = SeedBlock(cfg, dtype, name=f"features_{i}")(x, train)
+        x = layers.conv(ch(blocks[-1].expanded), 1, "conv_0", dtype, kernel_init=CONV_INIT)(x)
+        x = nn.hard_swish(layers.batch_norm(train, dtype, "conv_1")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.hard_swish(dense(ch(last_channel), "classifier_0")(x))
+
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_2")(x)
+            return dense(self.num_classes, "fc")(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
+
+
+seed_mobilenetv3_large = partial(SeedMobileNetV3, arch="large")
+seed_mobilenetv3_small = partial(SeedMobileNetV3, arch="small")

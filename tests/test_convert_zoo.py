@@ -1,0 +1,577 @@
+"""torch vs Flax equivalence and exact export round trips for the rest of the model zoo.
+
+torchvision and timm are not installed, so the torch reference networks below are written from
+their sources with their exact parameter names: torchvision EfficientNet, timm EfficientNet and
+MobileNetV3 (DepthwiseSeparableConv / InvertedResidual / SqueezeExcite blocks), SEED's own
+MobileNetV3, torchvision's wide ResNet and SwAV's widened ResNet, and MCL's CIFAR ResNets and
+WRNs. Small widths and 16-32 px inputs keep every compile short; the architecture (block types,
+depths, names, activations, SE placement) is the real one. Random weights and BN statistics,
+eval mode, features and logits within 1e-4; then export -> strict load -> re-import exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from disco_jax import convert, models
+from disco_jax.models import mobilenetv3
+from disco_jax.models.mobilenetv3 import make_divisible
+from tests.test_convert import (
+    TOL,
+    BasicBlock,
+    _assert_trees_equal,
+    _downsample,
+    _image,
+    _jit,
+    _nhwc,
+    randomize,
+)
+
+# ---------------------------------------------------------------- torch references: ResNets
+
+
+class WideBottleneck(nn.Module):
+    """torchvision's Bottleneck with an inner width of planes * width_per_group / 64."""
+
+    expansion = 4
+
+    def __init__(self, inp: int, planes: int, stride: int, inner_mult: int = 1):
+        super().__init__()
+        inner = planes * inner_mult
+        self.conv1 = nn.Conv2d(inp, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(inp, planes * 4, stride)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetRef(nn.Module):
+    """torchvision / SwAV / MCL-CIFAR ResNet: stem, stages, pool, classifier ``fc_name``."""
+
+    def __init__(self, block, layers, nc, base, stem="imagenet", fc_name="fc", **block_kw):
+        super().__init__()
+        k, s, p = (7, 2, 3) if stem == "imagenet" else (3, 1, 1)
+        self.conv1 = nn.Conv2d(3, base, k, s, p, bias=False)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        inp = base
+        for i, n in enumerate(layers):
+            blocks = []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(inp, base * 2**i, stride, **block_kw))
+                inp = base * 2**i * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.n_stages = len(layers)
+        self.fc_name = fc_name
+        setattr(self, fc_name, nn.Linear(inp, nc))
+
+    def features(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        for i in range(1, self.n_stages + 1):
+            x = getattr(self, f"layer{i}")(x)
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return getattr(self, self.fc_name)(self.features(x))
+
+
+class WRNBlockRef(nn.Module):
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inp)
+        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.equal = inp == out
+        self.convShortcut = None if self.equal else nn.Conv2d(inp, out, 1, stride, bias=False)
+
+    def forward(self, x):  # Zagoruyko's BasicBlock (dropRate 0)
+        if not self.equal:
+            x = torch.relu(self.bn1(x))
+            out = x
+        else:
+            out = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(out))))
+        return (x if self.equal else self.convShortcut(x)) + out
+
+
+class NetworkBlock(nn.Module):
+    def __init__(self, n, inp, out, stride):
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[WRNBlockRef(inp if i == 0 else out, out, stride if i == 0 else 1) for i in range(n)]
+        )
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WRNRef(nn.Module):
+    def __init__(self, depth, k, nc, width):
+        super().__init__()
+        n = (depth - 4) // 6
+        ch = [max(1, round(c * width)) for c in (16, 16 * k, 32 * k, 64 * k)]
+        self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, ch[0], ch[1], 1)
+        self.block2 = NetworkBlock(n, ch[1], ch[2], 2)
+        self.block3 = NetworkBlock(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.fc = nn.Linear(ch[3], nc)
+
+    def features(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return torch.relu(self.bn1(x)).mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# ---------------------------------------------------------------- torchvision EfficientNet
+
+_B0 = [  # expand, kernel, stride, in, out, layers (torchvision's MBConvConfig for B0)
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+]
+
+
+def _cna(inp, out, k, stride=1, groups=1, act=None) -> nn.Sequential:
+    """Conv2dNormActivation with torch's default BN (EfficientNet-B0/B1)."""
+    conv = nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(out), *([act()] if act else []))
+
+
+class TvSE(nn.Module):
+    def __init__(self, ch, sq, act, gate):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(ch, sq, 1), nn.Conv2d(sq, ch, 1)
+        self.activation, self.scale_activation = act(), gate()
+
+    def forward(self, x):
+        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+
+
+class MBConv(nn.Module):
+    def __init__(self, expand, k, stride, inp, out):
+        super().__init__()
+        mid = make_divisible(inp * expand)
+        layers = [_cna(inp, mid, 1, act=nn.SiLU)] if mid != inp else []
+        layers += [
+            _cna(mid, mid, k, stride, mid, act=nn.SiLU),
+            TvSE(mid, max(1, inp // 4), nn.SiLU, nn.Sigmoid),
+            _cna(mid, out, 1),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.res = stride == 1 and inp == out
+
+    def forward(self, x):
+        return self.block(x) + x if self.res else self.block(x)
+
+
+class TvEfficientNet(nn.Module):
+    def __init__(self, depth_mult, nc, width):
+        super().__init__()
+        ch = lambda c: make_divisible(c * width)  # noqa: E731
+        feats = [_cna(3, ch(32), 3, 2, act=nn.SiLU)]
+        for e, k, s, i, o, n in _B0:
+            stage = []
+            for j in range(int(math.ceil(n * depth_mult))):
+                stage.append(MBConv(e, k, s if j == 0 else 1, ch(i) if j == 0 else ch(o), ch(o)))
+            feats.append(nn.Sequential(*stage))
+        feats.append(_cna(ch(320), 4 * ch(320), 1, act=nn.SiLU))
+        self.features = nn.Sequential(*feats)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * ch(320), nc))
+
+    def pooled_features(self, x):
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+    def forward(self, x):
+        return self.classifier(self.pooled_features(x))
+
+
+# ---------------------------------------------------------------- timm EfficientNet/MobileNetV3
+
+
+class TimmSE(nn.Module):
+    def __init__(self, ch, rd, act, gate):
+        super().__init__()
+        self.conv_reduce, self.conv_expand = nn.Conv2d(ch, rd, 1), nn.Conv2d(rd, ch, 1)
+        self.act1, self.gate = act(), gate()
+
+    def forward(self, x):
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), True)))))
+
+
+class TimmDS(nn.Module):
+    """timm DepthwiseSeparableConv: conv_dw, bn1, act, se, conv_pw, bn2 (no pw act)."""
+
+    def __init__(self, inp, out, k, stride, se_rd, act, se_act, gate):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(inp, inp, k, stride, k // 2, groups=inp, bias=False)
+        self.bn1, self.act = nn.BatchNorm2d(inp), act()
+        self.se = TimmSE(inp, se_rd, se_act, gate) if se_rd else nn.Identity()
+        self.conv_pw, self.bn2 = nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.skip = stride == 1 and inp == out
+
+    def forward(self, x):
+        y = self.bn2(self.conv_pw(self.se(self.act(self.bn1(self.conv_dw(x))))))
+        return y + x if self.skip else y
+
+
+class TimmIR(nn.Module):
+    """timm InvertedResidual: conv_pw, bn1, act, conv_dw, bn2, act, se, conv_pwl, bn3."""
+
+    def __init__(self, inp, mid, out, k, stride, se_rd, act, se_act, gate):
+        super().__init__()
+        self.conv_pw, self.bn1 = nn.Conv2d(inp, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False)
+        self.bn2, self.act = nn.BatchNorm2d(mid), act()
+        self.se = TimmSE(mid, se_rd, se_act, gate) if se_rd else nn.Identity()
+        self.conv_pwl, self.bn3 = nn.Conv2d(mid, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.skip = stride == 1 and inp == out
+
+    def forward(self, x):
+        y = self.act(self.bn1(self.conv_pw(x)))
+        y = self.se(self.act(self.bn2(self.conv_dw(y))))
+        y = self.bn3(self.conv_pwl(y))
+        return y + x if self.skip else y
+
+
+class TimmEfficientNetRef(nn.Module):
+    def __init__(self, depth_mult, nc, width):
+        super().__init__()
+        ch = lambda c: make_divisible(c * width)  # noqa: E731
+        self.conv_stem = nn.Conv2d(3, ch(32), 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(ch(32))
+        inp, stages = ch(32), []
+        for i, (e, k, s, _, o, n) in enumerate(_B0):
+            blocks = []
+            for j in range(int(math.ceil(n * depth_mult))):
+                stride, out = s if j == 0 else 1, ch(o)
+                if i == 0:
+                    blocks.append(TimmDS(inp, out, k, stride, round(inp * 0.25), *_SILU))
+                else:
+                    mid = make_divisible(inp * e)
+                    rd = round(mid * (0.25 / e))
+                    blocks.append(TimmIR(inp, mid, out, k, stride, rd, *_SILU))
+                inp = out
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(inp, ch(1280), 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(ch(1280))
+        self.classifier = nn.Linear(ch(1280), nc)
+
+    def pooled_features(self, x):
+        x = self.blocks(nn.functional.silu(self.bn1(self.conv_stem(x))))
+        return nn.functional.silu(self.bn2(self.conv_head(x))).mean((2, 3))
+
+    def forward(self, x):
+        return self.classifier(self.pooled_features(x))
+
+
+_SILU = (nn.SiLU, nn.SiLU, nn.Sigmoid)
+_TIMM_STAGES = {"large": (1, 2, 3, 4, 2, 3), "small": (1, 2, 3, 2, 3)}
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, inp, out):
+        super().__init__()
+        self.conv, self.bn1 = nn.Conv2d(inp, out, 1, bias=False), nn.BatchNorm2d(out)
+
+    def forward(self, x):
+        return nn.functional.hardswish(self.bn1(self.conv(x)))
+
+
+class TimmMobileNetV3Ref(nn.Module):
+    def __init__(self, arch, nc, width):
+        super().__init__()
+        cfgs, head = mobilenetv3.ARCHS[arch]
+        ch = lambda c: make_divisible(c * width)  # noqa: E731
+        stem = 16 if width < 0.75 else ch(16)  # timm's fix_stem
+        self.conv_stem = nn.Conv2d(3, stem, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        inp, stages, it = stem, [], iter(cfgs)
+        for i, n in enumerate(_TIMM_STAGES[arch]):
+            blocks = []
+            for _ in range(n):
+                c = next(it)
+                act = nn.Hardswish if c.use_hs else nn.ReLU
+                acts = (act, nn.ReLU, nn.Hardsigmoid)
+                out = ch(c.out_ch)
+                if i == 0:
+                    rd = make_divisible(inp * 0.25) if c.use_se else 0
+                    blocks.append(TimmDS(inp, out, c.kernel, c.stride, rd, *acts))
+                else:
+                    mid = ch(c.expanded)
+                    rd = make_divisible(mid * 0.25) if c.use_se else 0
+                    blocks.append(TimmIR(inp, mid, out, c.kernel, c.stride, rd, *acts))
+                inp = out
+            stages.append(nn.Sequential(*blocks))
+        stages.append(nn.Sequential(ConvBnAct(inp, 6 * inp)))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head = nn.Conv2d(6 * inp, ch(head), 1)  # with bias, no BN
+        self.classifier = nn.Linear(ch(head), nc)
+
+    def pooled_features(self, x):
+        x = self.blocks(nn.functional.hardswish(self.bn1(self.conv_stem(x))))
+        return torch.flatten(nn.functional.hardswish(self.conv_head(x.mean((2, 3), True))), 1)
+
+    def forward(self, x):
+        return self.classifier(self.pooled_features(x))
+
+
+# ---------------------------------------------------------------- SEED's MobileNetV3
+
+
+class SELayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        rd = make_divisible(c // 4)
+        self.fc = nn.Sequential(nn.Linear(c, rd), nn.ReLU(), nn.Linear(rd, c), nn.Hardsigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
+
+
+class SeedIR(nn.Module):
+    def __init__(self, inp, hidden, oup, k, s, use_se, use_hs):
+        super().__init__()
+        self.identity = s == 1 and inp == oup
+        act = nn.Hardswish if use_hs else nn.ReLU
+        se = SELayer(hidden) if use_se else nn.Identity()
+        dw = nn.Conv2d(hidden, hidden, k, s, (k - 1) // 2, groups=hidden, bias=False)
+        if inp == hidden:
+            self.conv = nn.Sequential(
+                dw, nn.BatchNorm2d(hidden), act(), se,
+                nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
+            )  # fmt: skip
+        else:
+            self.conv = nn.Sequential(
+                nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
+                dw, nn.BatchNorm2d(hidden), se, act(),
+                nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
+            )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.conv(x) if self.identity else self.conv(x)
+
+
+class SeedMobileNetV3Ref(nn.Module):
+    def __init__(self, arch, nc, width):
+        super().__init__()
+        cfgs, head = mobilenetv3.ARCHS[arch]
+        ch = lambda c: make_divisible(c * width)  # noqa: E731
+        layers = [
+            nn.Sequential(
+                nn.Conv2d(3, ch(16), 3, 2, 1, bias=False), nn.BatchNorm2d(ch(16)), nn.Hardswish()
+            )
+        ]
+        for c in cfgs:
+            layers.append(
+                SeedIR(ch(c.in_ch), ch(c.expanded), ch(c.out_ch), c.kernel, c.stride, c.use_se,
+                       c.use_hs)
+            )  # fmt: skip
+        self.features = nn.Sequential(*layers)
+        last = ch(cfgs[-1].expanded)
+        self.conv = nn.Sequential(
+            nn.Conv2d(ch(cfgs[-1].out_ch), last, 1, bias=False), nn.BatchNorm2d(last),
+            nn.Hardswish(),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(nn.Linear(last, ch(head)), nn.Hardswish(), nn.Dropout(0.2))
+        self.fc = nn.Linear(ch(head), nc)
+
+    def pooled_features(self, x):
+        return self.classifier(self.conv(self.features(x)).mean((2, 3)))
+
+    def forward(self, x):
+        return self.fc(self.pooled_features(x))
+
+
+# ---------------------------------------------------------------- the cases
+
+# name: (torch reference builder, model kwargs, num_classes, image size)
+CASES = {
+    "efficientnet_b0": (lambda: TvEfficientNet(1.0, 5, 0.25), {"width": 0.25}, 5, 32),
+    "efficientnet_b1": (lambda: TvEfficientNet(1.1, 5, 0.25), {"width": 0.25}, 5, 32),
+    "timm_efficientnet_b0": (lambda: TimmEfficientNetRef(1.0, 5, 0.25), {"width": 0.25}, 5, 32),
+    "timm_efficientnet_b1": (lambda: TimmEfficientNetRef(1.1, 5, 0.25), {"width": 0.25}, 5, 32),
+    "mobilenetv3_large_100": (
+        lambda: TimmMobileNetV3Ref("large", 5, 0.25),
+        {"width": 0.25},
+        5,
+        32,
+    ),
+    "mobilenetv3_small_100": (
+        lambda: TimmMobileNetV3Ref("small", 5, 0.25),
+        {"width": 0.25},
+        5,
+        32,
+    ),
+    "seed_mobilenetv3_large": (
+        lambda: SeedMobileNetV3Ref("large", 5, 0.25),
+        {"width": 0.25},
+        5,
+        32,
+    ),
+    "seed_mobilenetv3_small": (
+        lambda: SeedMobileNetV3Ref("small", 5, 0.25),
+        {"width": 0.25},
+        5,
+        32,
+    ),
+    "wide_resnet50_2": (
+        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 8, "cifar", inner_mult=2),
+        {"width": 0.125, "stem": "cifar"},
+        5,
+        16,
+    ),
+    # SwAV's widening (x2) on top of disco_jax's width 1/16: stem 8 channels, planes x2.
+    "swav_resnet50w2": (
+        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 8, "imagenet"),
+        {"width": 0.0625},
+        5,
+        32,
+    ),
+    "resnet32": (
+        lambda: ResNetRef(BasicBlock, (5, 5, 5), 7, 8, "cifar", "classifier"),
+        {"width": 0.5},
+        7,
+        16,
+    ),
+    "resnet110": (
+        lambda: ResNetRef(WideBottleneck, (12, 12, 12), 7, 8, "cifar", "classifier"),
+        {"width": 0.5},
+        7,
+        16,
+    ),
+    "wrn_16_2": (lambda: WRNRef(16, 2, 7, 0.5), {"width": 0.5}, 7, 16),
+}
+
+
+def calibrate(model: nn.Module, seed: int) -> nn.Module:
+    """Set every BN's running statistics to those of a random batch (then eval mode).
+
+    Random statistics alone let activations shrink layer after layer in these deep nets, until
+    the output no longer depends on the input; calibrated BN keeps every layer O(1).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = 1.0  # running statistic := this batch's
+    model.train()
+    with torch.no_grad():
+        model(_image((32, 3, 32, 32), seed=100 + seed))
+    for m in bns:
+        m.momentum = 0.1
+        m.num_batches_tracked.fill_(123)
+    return model.eval()
+
+
+def _flax_outputs(model, variables, x):
+    """(features, logits) in eval mode from one forward pass (one trace, one compile)."""
+    out = _jit(functools.partial(model.apply, train=False, features="both"))(variables, x)
+    return np.asarray(out["features"]), np.asarray(out["logits"])
+
+
+def _assert_close(actual, expected):
+    """Within 1e-4 of the output's scale: these random deep nets reach |x| ~ 50, where float32
+    summation order alone moves the last digits by more than 1e-4 absolute."""
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=TOL["rtol"], atol=TOL["atol"] * scale)
+
+
+def _features(tmodel, x):
+    for attr in ("pooled_features", "features"):
+        fn = getattr(tmodel, attr, None)
+        if callable(fn) and not isinstance(fn, nn.Module):
+            return fn(x)
+    raise AssertionError(type(tmodel))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zoo_matches_torch_and_round_trips(name):
+    build, kwargs, nc, size = CASES[name]
+    seed = sorted(CASES).index(name)
+    tmodel = calibrate(randomize(build(), seed), seed)
+    x = _image((2, 3, size, size), seed=1)
+    with torch.no_grad():
+        t_feats, t_logits = _features(tmodel, x).numpy(), tmodel(x).numpy()
+    # The 1e-4 tolerance is meaningful: O(1) outputs that depend on the input.
+    assert 0.1 < np.abs(t_logits).max() < 100
+    assert np.abs(t_feats[0] - t_feats[1]).max() > 0.05
+
+    source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
+    variables = convert.from_torch(tmodel.state_dict(), name, source, num_classes=nc, **kwargs)
+    model = models.create(name, num_classes=nc, **kwargs)
+    feats, logits = _flax_outputs(model, variables, _nhwc(x))
+    _assert_close(feats, t_feats)
+    _assert_close(logits, t_logits)
+
+    # Export (timm's module names keep their '_'), strict load, re-import: all exact.
+    original = tmodel.state_dict()
+    exported = convert.to_torch(variables, name, **kwargs)  # names rebuilt from the rule
+    assert set(exported) == set(original)
+    via_keys = convert.to_torch(variables, name, keys=list(original), **kwargs)
+    assert list(via_keys) == list(exported)
+    for key, value in original.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(exported[key], value), key
+    tmodel.load_state_dict(exported, strict=True)
+    _assert_trees_equal(convert.from_torch(exported, name, source, **kwargs), variables)
+
+
+def test_disco_student_with_timm_classifier_head(tmp_path):
+    """DisCo's timm students carry their MLP as 'classifier.0/2' (d -> 2048 -> 128)."""
+    student = TimmMobileNetV3Ref("small", 5, 0.25)
+    d = student.classifier.in_features
+    student.classifier = nn.Sequential(nn.Linear(d, 24), nn.ReLU(), nn.Linear(24, 16))
+    student = calibrate(randomize(student, seed=20), seed=20)
+    state = {f"module.encoder_q.{k}": v for k, v in student.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v.clone() for k, v in student.state_dict().items()}
+    state |= {"module.teacher_encoder_q.conv1.weight": torch.zeros(1)}
+    state |= {"module.queue": torch.zeros(16, 8), "module.queue_ptr": torch.zeros(1)}
+    path = str(tmp_path / "disco_mbv3.pth.tar")
+    torch.save({"epoch": 200, "state_dict": state}, path)
+    x = _image((2, 3, 32, 32), seed=21)
+    with torch.no_grad():
+        t_feats = student.pooled_features(x).numpy()
+        t_embed = student(x).numpy()
+
+    kwargs = {"width": 0.25}
+    name = "mobilenetv3_small_100"
+    result = convert.convert(convert.load_torch_file(path), name, "disco", **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp", 24, 16)
+    encoder = models.Encoder(
+        backbone=models.create(name, num_classes=0, **kwargs),
+        head=models.create_head("mlp", out_dim=16, hidden_dim=24),
+    )
+    out = _jit(functools.partial(encoder.apply, train=False))(result.variables, _nhwc(x))
+    _assert_close(np.asarray(out["features"]), t_feats)
+    _assert_close(np.asarray(out["embedding"]), t_embed)
+
+    # Back under DisCo's names (head as 'classifier'), strict load into the student, re-import.
+    exported = convert.to_torch(result.variables, name, head_module="classifier", **kwargs)
+    student.load_state_dict(exported, strict=True)
+    prefixed = {f"module.encoder_q.{k}": v for k, v in exported.items()}
+    _assert_trees_equal(convert.from_torch(prefixed, name, "disco", **kwargs), result.variables)
