@@ -38,9 +38,10 @@ from typing import Any
 
 from disco_jax import models
 from disco_jax.errors import unknown_name
-from disco_jax.methods import moco, seed
+from disco_jax.methods import disco, kd, moco, seed
 
 METHODS: dict[str, types.ModuleType] = {"moco_v2": moco, "seed": seed}
+METHODS |= {"disco": disco, "kd": kd}
 
 ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")
 
