@@ -101,6 +101,11 @@ def grouped_forward(module, variables: dict, images: jax.Array, groups: int,
     return out, jax.tree_util.tree_map(lambda s: s.mean(axis=0), stats)
 
 
+def shuffle_permutation(rng: jax.Array, n: int) -> jax.Array:
+    """The key-batch permutation shuffle-BN draws from the step's key-encoder rng."""
+    return jax.random.permutation(jax.random.fold_in(rng, 0x5B), n)
+
+
 def key_forward(module, variables: dict, images: jax.Array, ctx: dict, rng: jax.Array,
                 mode: str = "global") -> tuple[dict, Any]:
     """The momentum key encoder in train mode, with global BN or MoCo's shuffle-BN.
@@ -119,7 +124,7 @@ def key_forward(module, variables: dict, images: jax.Array, ctx: dict, rng: jax.
         return jax.lax.stop_gradient(out), mutated["batch_stats"]
     if mode != "shuffle":
         raise ValueError(f"unknown key BN mode {mode!r}")
-    perm = jax.random.permutation(jax.random.fold_in(rng, 0x5B), images.shape[0])
+    perm = shuffle_permutation(rng, images.shape[0])
     out, stats = grouped_forward(module, variables, images[perm], bn_groups(ctx), rng)
     unshuffle = jnp.argsort(perm)
     out = jax.tree_util.tree_map(lambda a: a[unshuffle], out)
