@@ -79,9 +79,16 @@ def assert_same_training(a, b, rel=5e-5):
     (rows_a, state_a), (rows_b, state_b) = a, b
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2]
     for key in rows_a[0]:
-        if key not in ("step", "steps_per_sec"):
-            np.testing.assert_allclose([r[key] for r in rows_a], [r[key] for r in rows_b],
-                                       rtol=1e-4, atol=1e-5, err_msg=key)
+        if key in ("step", "steps_per_sec"):
+            continue
+        # Step 1 (same parameters) agrees to float32 noise; at step 2 gradient norms through
+        # BN groups of 4 images amplify the ~1e-6 parameter noise to ~1e-3 (measured 1.0e-3
+        # for DisCo), while the losses stay within 1e-4.
+        np.testing.assert_allclose(rows_a[0][key], rows_b[0][key], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
+        tol = 5e-3 if key.endswith("_norm") else 1e-4
+        np.testing.assert_allclose(rows_a[1][key], rows_b[1][key], rtol=tol, atol=1e-5,
+                                   err_msg=key)
     for key in ("params", "batch_stats"):
         x = np.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(state_a[key])])
         y = np.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(state_b[key])])
@@ -177,3 +184,74 @@ def test_validation_errors_are_config_errors():
     with pytest.raises(ConfigError, match="small_scale"):
         methods.get("seed").validate(cfg("seed_multicrop_effb0.py", small_scale=(0.2, 0.1)))
     assert load_config("disco_effb0.py:teacher=resnet101").teacher.model == "resnet101"
+
+
+# --------------------------------------------------------------------------- methods end to end
+
+
+R18 = {"student.model": "resnet18", "student.model_kwargs": {"width": 0.25, "stem": "cifar"}}
+
+
+def test_disco_r18_smoke_shuffle_bn_8_devices_equals_1_device(tmp_path, data_dir, make_teacher):
+    # bn_groups=4 fixes the shuffle-BN groups, so the device count must not matter.
+    runs = [run(smoke_config("disco_r18.py:smoke", data_dir, make_teacher,
+                             **{"mesh.num_devices": n}), tmp_path / str(n)) for n in (8, 1)]
+    rows = runs[0][0]
+    assert {"contrastive", "distill_q", "distill_k", "loss"} <= set(rows[0])
+    for r in rows:  # total = CE + (1/8) * (D_q + D_k), official "sum" reduction
+        np.testing.assert_allclose(r["loss"], r["contrastive"] + (r["distill_q"] + r["distill_k"])
+                                   / 8, rtol=1e-5)
+        assert 0 < r["distill_q"] <= 4 * 16 and 0 < r["distill_k"] <= 4 * 16  # sum of 2-2cos
+    assert_same_training(*runs)
+    state = runs[0][1]  # the queue holds 2 steps of student keys, the EMA encoder moved
+    assert int(state["queue"]["ptr"]) == 32
+    ema = np.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(state["ema"]["params"])])
+    cur = np.concatenate([v.ravel() for v in jax.tree_util.tree_leaves(state["params"])])
+    assert 0 < np.abs(ema - cur).max()
+
+
+@pytest.mark.parametrize("spec", ["disco_effb0.py:smoke", "disco_mbv3.py:smoke"])
+def test_disco_smoke_configs_run_end_to_end(tmp_path, data_dir, make_teacher, spec):
+    # Global key BN and eval-mode teacher here, so every BN option trains somewhere.
+    overrides = {"loss.key_bn": "global", "loss.teacher_bn": "eval"} if "mbv3" in spec else {}
+    cfg = smoke_config(spec, data_dir, make_teacher, **overrides)
+    cfg.eval.enabled = "mbv3" in spec  # one full evaluation is enough
+    res = train.run(cfg, str(tmp_path))
+    assert res["step"] == 2
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path)))
+
+
+def test_seed_multicrop_8_devices_equals_1_device(tmp_path, data_dir, make_teacher):
+    # seed_multicrop_effb0:smoke with a ResNet-18 student (the EfficientNet compile is slow;
+    # the shipped config runs in test_seed_smoke_configs_run_end_to_end).
+    runs = [run(smoke_config("seed_multicrop_effb0.py:smoke", data_dir, make_teacher,
+                             **{"mesh.num_devices": n}, **R18), tmp_path / str(n))
+            for n in (8, 1)]
+    rows, state = runs[0]
+    for r in rows:
+        np.testing.assert_allclose(r["loss"], r["seed_main"] + r["seed_small"], rtol=1e-5)
+    assert int(state["queue_small"]["ptr"]) == int(state["queue"]["ptr"]) == 32
+    assert_same_training(*runs)
+
+
+@pytest.mark.parametrize(
+    "spec", ["seed_effb0.py:smoke", "seed_r18.py:smoke", "seed_multicrop_effb0.py:smoke"])
+def test_seed_smoke_configs_run_end_to_end(tmp_path, data_dir, make_teacher, spec):
+    res = train.run(smoke_config(spec, data_dir, make_teacher), str(tmp_path))
+    assert res["step"] == 2
+
+
+def test_kd_logits_smoke_8_devices_equals_1_device(tmp_path, data_dir, make_teacher):
+    runs = [run(smoke_config("kd_r18.py:smoke,kind=logits", data_dir, make_teacher,
+                             **{"mesh.num_devices": n}), tmp_path / str(n)) for n in (8, 1)]
+    rows = runs[0][0]
+    for r in rows:  # KD + 1.0 x CE on the labels
+        np.testing.assert_allclose(r["loss"], r["kd"] + r["ce"], rtol=1e-5)
+        assert r["kd"] > 0 and r["ce"] > 0
+    assert_same_training(*runs)
+
+
+def test_kd_cosine_smoke_runs(tmp_path, data_dir, make_teacher):
+    res = train.run(smoke_config("kd_r18.py:smoke", data_dir, make_teacher), str(tmp_path))
+    assert res["step"] == 2
+    assert all(0 <= r["loss"] <= 2 for r in read_metrics(str(tmp_path)))
