@@ -204,3 +204,72 @@ def mcl_moco_losses(
             icl += _first_columns_ce(ab, 1) + _first_columns_ce(ba, 1)
             soft_icl += kl_div_t(ab, ba, kd_temp) + kl_div_t(ba, ab, kd_temp)
     return {"vcl": vcl, "icl": icl, "soft_vcl": soft_vcl, "soft_icl": soft_icl}
+def disco_loss(
+    q: Array,
+    k: Array,
+    queue: Array,
+    q_on_key_view: Array,
+    teacher_q: Array,
+    teacher_k: Array,
+    temp: float = 0.2,
+    distill_weight: float = 1.0,
+    distill_reduction: str = "sum",
+) -> dict[str, Array]:
+    """DisCo (Yuting-Gao/DisCo-pytorch `builder_kq_mse_largeembedding_2048.py`).
+
+    MoCo InfoNCE of the query q against its momentum key k and the queue, plus the MSE between
+    the unit-norm student and teacher embeddings of both views: q vs teacher_q and
+    q_on_key_view (the query encoder on the key view) vs teacher_k.
+
+    `distill_reduction="sum"` is the official `MSELoss(reduction='sum')`: summed over the rows
+    given and the D dimensions (not averaged); "mean" divides that sum by the batch size.
+    total = contrastive + distill_weight * (distill_q + distill_k). Gradients reach q and
+    q_on_key_view only (k, the teachers and the queue are constants).
+    """
+    if distill_reduction not in ("sum", "mean"):
+        raise ValueError(f"distill_reduction must be 'sum' or 'mean', got {distill_reduction!r}")
+    contrastive = moco_loss(q, k, queue, temp)
+
+    def mse(student: Array, teacher: Array) -> Array:
+        diff = l2_normalize(student) - jax.lax.stop_gradient(l2_normalize(teacher))
+        total = jnp.sum(diff * diff)
+        return total / student.shape[0] if distill_reduction == "mean" else total
+
+    distill_q = mse(q, teacher_q)
+    distill_k = mse(q_on_key_view, teacher_k)
+    distill = distill_q + distill_k
+    return {
+        "contrastive": contrastive,
+        "distill_q": distill_q,
+        "distill_k": distill_k,
+        "distill": distill,
+        "total": contrastive + distill_weight * distill,
+    }
+
+
+def kd_loss(student_logits: Array, teacher_logits: Array, temp: float = 4.0) -> Array:
+    """Hinton KD: T^2 * mean_n KL(softmax(t/T) || softmax(s/T)); the teacher is a constant.
+
+    The T^2 factor keeps the gradient scale independent of T (Hinton et al. 2015).
+    """
+    log_p_t = jax.nn.log_softmax(
+        jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temp, axis=-1
+    )
+    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temp, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+    return temp * temp * jnp.mean(kl)
+
+
+def embedding_l2_loss(student_emb: Array, teacher_emb: Array) -> Array:
+    """Plain regression of the raw teacher embedding: mean_n ||s - t||^2 (no normalisation)."""
+    diff = student_emb.astype(jnp.float32) - jax.lax.stop_gradient(teacher_emb).astype(
+        jnp.float32
+    )
+    return jnp.mean(jnp.sum(diff * diff, axis=-1))
+
+
+def cosine_loss(student_emb: Array, teacher_emb: Array) -> Array:
+    """mean_n (1 - cos(s, t)); the teacher is a constant."""
+    s = l2_normalize(student_emb)
+    t = jax.lax.stop_gradient(l2_normalize(teacher_emb))
+    return jnp.mean(1.0 - jnp.sum(s * t, axis=-1))

@@ -152,6 +152,34 @@ def _mcl_inputs(m, seed=0, n=8, d=16):
 
 def _assert_terms(got, want):
     assert set(got) == {"vcl", "icl", "soft_vcl", "soft_icl"}
+# --------------------------------------------------------------------------- DisCo, KD
+
+
+def np_disco_loss(q, k, queue, qk, tq, tk, temp, weight, reduction):
+    """DisCo-pytorch builder_kq_mse_largeembedding_2048 + main.py, transcribed to NumPy."""
+    ce = np_moco_loss(q, k, queue, temp)
+    dq = ((_np_normalize(tq) - _np_normalize(q)) ** 2).sum()  # MSELoss(reduction='sum')
+    dk = ((_np_normalize(tk) - _np_normalize(qk)) ** 2).sum()
+    if reduction == "mean":
+        dq, dk = dq / q.shape[0], dk / q.shape[0]
+    return {"contrastive": ce, "distill_q": dq, "distill_k": dk, "distill": dq + dk,
+            "total": ce + weight * (dq + dk)}
+
+
+def _disco_inputs(seed, n=8, d=16, k=64):
+    rng = np.random.default_rng(seed)
+    q, kk, qk, tq, tk = (rng.normal(size=(n, d)) * 3.0 for _ in range(5))
+    queue = _np_normalize(rng.normal(size=(k, d)))
+    return q, kk, queue, qk, tq, tk
+
+
+@pytest.mark.parametrize("reduction,weight", [("sum", 1.0), ("sum", 0.125), ("mean", 32.0)])
+def test_disco_loss_matches_numpy(reduction, weight):
+    args = _disco_inputs(8)
+    got = losses.disco_loss(*(jnp.asarray(a, jnp.float32) for a in args), temp=0.2,
+                            distill_weight=weight, distill_reduction=reduction)
+    want = np_disco_loss(*args, 0.2, weight, reduction)
+    assert set(got) == set(want)
     for key in want:
         np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
@@ -276,3 +304,71 @@ def test_mcl_moco_losses_match_numpy_and_stop_key_gradients(m):
     g_q, g_k = jax.grad(lambda a, b: sum(losses.mcl_moco_losses(a, b, args[2]).values()),
                         argnums=(0, 1))(args[0], args[1])
     assert float(jnp.abs(g_k).sum()) == 0.0 and float(jnp.abs(g_q).sum()) > 0
+def test_disco_sum_reduction_is_per_row_two_minus_two_cos_summed():
+    # "sum" is the official reduction: for unit vectors sum_{n,c}(t-q)^2 = sum_n (2 - 2 cos);
+    # doubling the batch (same rows twice) doubles it, while "mean" stays put.
+    q, k, queue, qk, tq, tk = _disco_inputs(9)
+    cos = (_np_normalize(q) * _np_normalize(tq)).sum(1)
+    out = losses.disco_loss(*(jnp.asarray(a) for a in (q, k, queue, qk, tq, tk)))
+    np.testing.assert_allclose(float(out["distill_q"]), (2 - 2 * cos).sum(), rtol=1e-5)
+    twice = [np.concatenate([a, a]) for a in (q, k)] + [queue] + [
+        np.concatenate([a, a]) for a in (qk, tq, tk)]
+    for red, factor in (("sum", 2.0), ("mean", 1.0)):
+        one = losses.disco_loss(*(jnp.asarray(a) for a in (q, k, queue, qk, tq, tk)),
+                                distill_reduction=red)
+        two = losses.disco_loss(*(jnp.asarray(a) for a in twice), distill_reduction=red)
+        np.testing.assert_allclose(float(two["distill"]), factor * float(one["distill"]),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(float(two["contrastive"]), float(one["contrastive"]),
+                                   rtol=1e-5)
+
+
+def test_disco_gradients_reach_only_q_and_qk():
+    args = [jnp.asarray(a, jnp.float32) for a in _disco_inputs(10)]
+    grads = jax.grad(lambda *a: losses.disco_loss(*a)["total"], argnums=tuple(range(6)))(*args)
+    names = ("q", "k", "queue", "qk", "teacher_q", "teacher_k")
+    norms = {n: float(jnp.abs(g).sum()) for n, g in zip(names, grads, strict=True)}
+    assert norms["q"] > 0 and norms["qk"] > 0, norms
+    assert norms["k"] == norms["queue"] == norms["teacher_q"] == norms["teacher_k"] == 0, norms
+    # qk only gets the distillation gradient: zero when its teacher matches it exactly.
+    args[5] = args[3] * 2.0
+    g_qk = jax.grad(lambda qk: losses.disco_loss(*args[:3], qk, *args[4:])["total"])(args[3])
+    np.testing.assert_allclose(np.asarray(g_qk), 0.0, atol=1e-6)
+
+
+def test_disco_loss_rejects_unknown_reduction():
+    args = [jnp.asarray(a, jnp.float32) for a in _disco_inputs(11)]
+    with pytest.raises(ValueError, match="distill_reduction"):
+        losses.disco_loss(*args, distill_reduction="avg")
+
+
+def np_kd_loss(s, t, temp):
+    log_pt, log_ps = _np_log_softmax(t / temp), _np_log_softmax(s / temp)
+    return temp**2 * (np.exp(log_pt) * (log_pt - log_ps)).sum(1).mean()
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+def test_kd_loss_matches_numpy_and_stops_teacher_gradient(temp):
+    rng = np.random.default_rng(12)
+    s, t = rng.normal(size=(8, 10)) * 3, rng.normal(size=(8, 10)) * 3
+    got = losses.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temp)
+    np.testing.assert_allclose(float(got), np_kd_loss(s, t, temp), rtol=1e-5, atol=1e-6)
+    gs, gt = jax.grad(losses.kd_loss, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t), temp)
+    assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0
+    # Hinton: the gradient is T * (softmax(s/T) - softmax(t/T)) / N.
+    p = lambda z: np.exp(_np_log_softmax(z / temp))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(gs), temp * (p(s) - p(t)) / 8, rtol=1e-4, atol=1e-6)
+    assert float(losses.kd_loss(jnp.asarray(t), jnp.asarray(t), temp)) == pytest.approx(0, abs=1e-6)
+
+
+def test_embedding_l2_and_cosine_losses_match_numpy():
+    rng = np.random.default_rng(13)
+    s, t = rng.normal(size=(8, 16)) * 2, rng.normal(size=(8, 16)) * 2
+    sj, tj = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
+    np.testing.assert_allclose(float(losses.embedding_l2_loss(sj, tj)),
+                               ((s - t) ** 2).sum(1).mean(), rtol=1e-5)
+    cos = (_np_normalize(s) * _np_normalize(t)).sum(1)
+    np.testing.assert_allclose(float(losses.cosine_loss(sj, tj)), (1 - cos).mean(), rtol=1e-5)
+    for fn in (losses.embedding_l2_loss, losses.cosine_loss):
+        gs, gt = jax.grad(fn, argnums=(0, 1))(sj, tj)
+        assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0

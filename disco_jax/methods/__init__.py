@@ -38,9 +38,15 @@ from typing import Any
 
 from disco_jax import models
 from disco_jax.errors import unknown_name
-from disco_jax.methods import mcl, moco, seed
+from disco_jax.methods import disco, kd, mcl, moco, seed
 
-METHODS: dict[str, types.ModuleType] = {"moco_v2": moco, "seed": seed, "mcl": mcl}
+METHODS: dict[str, types.ModuleType] = {
+    "moco_v2": moco,
+    "seed": seed,
+    "disco": disco,
+    "kd": kd,
+    "mcl": mcl,
+}
 
 ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")
 

@@ -5,9 +5,10 @@ Query encoder f_q (trained) on view 1, momentum key encoder f_k (EMA of f_q, m=0
 the start of each step from the current f_q, as in the official forward) on view 2; InfoNCE
 with the key in column 0 and a queue of earlier keys; keys are enqueued after the loss.
 
-BN: the key encoder runs in train mode. Under jit its statistics are global-batch, which is the
-leakage-free setting shuffle-BN approximates (anchors §4.3); per-device shuffle-BN is a later
-option for exact reproduction.
+BN: the key encoder runs in train mode. `loss.key_bn="global"` (default): under jit its
+statistics are global-batch, the leakage-free setting shuffle-BN approximates.
+`loss.key_bn="shuffle"`: the official shuffle-BN (permute the key batch, per-device BN over
+`loss.bn_groups` groups, 0 = one per device, unshuffle); see `common.key_forward`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import optax
 
 from disco_jax import losses, queue
 from disco_jax.errors import ConfigError
-from disco_jax.methods.common import check_positive, student_forward
+from disco_jax.methods.common import (
+    KEY_BN_MODES,
+    check_bn_groups,
+    check_choice,
+    check_positive,
+    key_forward,
+    student_forward,
+)
 
 NEEDS_TEACHER = False
 
@@ -33,6 +41,8 @@ def validate(config: Any) -> None:
     if not 0.0 <= config.loss.momentum < 1.0:
         raise ConfigError(f"loss.momentum must be in [0, 1), got {config.loss.momentum}")
     queue.check_size(config.queue_size, config.batch_size)
+    check_choice(config, "key_bn", KEY_BN_MODES, "global")
+    check_bn_groups(config)
 
 
 def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> dict:
@@ -52,19 +62,16 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     ema_params = optax.incremental_update(
         jax.lax.stop_gradient(params), state["ema"]["params"], step_size=1.0 - cfg.momentum
     )
-    k_out, k_mut = ctx["student"].apply(
-        {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]},
-        x_k,
-        train=True,
-        mutable=["batch_stats"],
-        rngs={"dropout": jax.random.fold_in(rng_drop, 1)},
+    k_out, k_stats = key_forward(
+        ctx["student"], {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]}, x_k,
+        ctx, jax.random.fold_in(rng_drop, 1), mode=cfg.get("key_bn", "global"),
     )
-    k = jax.lax.stop_gradient(k_out["embedding"])
+    k = k_out["embedding"]
     q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=rng_drop)
     loss = losses.moco_loss(q_out["embedding"], k, state["queue"]["feats"], cfg.temp)
     updates = {
         "batch_stats": batch_stats,
         "queue": queue.enqueue(state["queue"], losses.l2_normalize(k)),
-        "ema": {"params": ema_params, "batch_stats": k_mut["batch_stats"]},
+        "ema": {"params": ema_params, "batch_stats": k_stats},
     }
     return loss, ({}, updates)
