@@ -1,12 +1,16 @@
 """End-to-end demo on the embedded digits dataset (scikit-learn's real 8x8 digits as TFDS).
 
-Three stages, each in WORKDIR/<stage>, then a table in WORKDIR/results.{json,md}:
+Five stages, each in WORKDIR/<stage>, then a table in WORKDIR/results.{json,md}:
 1. `teacher`: MoCo-v2 pretraining of a ResNet-18 teacher (CIFAR stem, width 0.25; 40 epochs);
 2. `baseline`: the much smaller MobileNetV3-Large student (width 0.25: 0.30M backbone
    parameters against 0.70M, 0.7 against 13.4 MFLOPs per 16 px image) with MoCo-v2 alone
    (50 epochs);
-3. `seed`: the same student distilled with SEED from the frozen teacher of stage 1.
-All three frozen backbones are evaluated with weighted kNN and a linear probe on the held-out
+3. `seed`: the same student distilled with SEED from the frozen teacher of stage 1;
+4. `disco`: the same student with DisCo (its own MoCo-v2 plus MSE to the teacher's embedding
+   on both views; head d->2048->128, shuffle-BN over groups of 32 and the official sum-reduction
+   scale B_local=32, i.e. distill_weight 32/128);
+5. `kd`: the plain label-free baseline, cosine embedding distillation from the same teacher.
+All frozen backbones are evaluated with weighted kNN and a linear probe on the held-out
 test split (360 images, never seen in training).
 
     python -m disco_jax.main --config configs/demo.py --workdir runs/demo
@@ -70,11 +74,37 @@ def get_config(arg: str | None = None):
     seed.loss.student_temp = 0.2
     seed.loss.teacher_temp = 1e-4
 
-    stages = {"teacher": teacher, "baseline": baseline, "seed": seed}
+    disco = _common(config_lib.base_config(), args.epochs)
+    disco.method = "disco"
+    disco.student = config_lib.encoder_config("mobilenet_v3_large", head_hidden=2048,
+                                              width=args.student_width, bn_momentum=0.9)
+    disco.teacher = teacher_net
+    disco.teacher.init = "{workdir}/teacher/encoder"
+    disco.loss.temp = 0.2
+    disco.loss.momentum = 0.99
+    disco.loss.distill_reduction = "sum"
+    disco.loss.distill_weight = 32 / disco.batch_size  # official B_local = 32 per GPU
+    disco.loss.teacher_bn = "train"
+    disco.loss.key_bn = "shuffle"
+    disco.loss.bn_groups = disco.batch_size // 32
+
+    kd = _common(config_lib.base_config(), args.epochs)
+    kd.method = "kd"
+    kd.student = student_net
+    kd.teacher = teacher_net
+    kd.teacher.init = "{workdir}/teacher/encoder"
+    kd.loss.kind = "cosine"
+    kd.loss.temp = 4.0
+    kd.loss.ce_weight = 0.0
+
+    stages = {"teacher": teacher, "baseline": baseline, "seed": seed, "disco": disco, "kd": kd}
     if args.smoke:
         for name, s in stages.items():
             s = config_lib.smoke(s)
-            s.teacher.init = "{workdir}/teacher/encoder" if name == "seed" else ""
+            s.teacher.init = "" if name in ("teacher", "baseline") else "{workdir}/teacher/encoder"
+            if name == "disco":
+                s.loss.bn_groups = 4
+                s.loss.distill_weight = 4 / s.batch_size
             stages[name] = s
     c = mlc.ConfigDict()
     c.dataset_name = "digits (scikit-learn load_digits, 1437 train / 360 test)"

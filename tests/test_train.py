@@ -142,13 +142,15 @@ def test_demo_smoke_runs_all_stages(tmp_path, data_dir):
 
     cfg = load_config("demo.py:smoke", data_dir)
     summary = main_mod.run_stages(cfg, str(tmp_path))
-    assert set(summary["stages"]) == {"teacher", "baseline", "seed"}
+    stages = ["teacher", "baseline", "seed", "disco", "kd"]
+    assert set(summary["stages"]) == set(stages)
     table = json.load(open(tmp_path / "results.json"))
-    assert [r["stage"] for r in table["rows"]] == ["teacher", "baseline", "seed"]
+    assert [r["stage"] for r in table["rows"]] == stages
     for row in table["rows"]:
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
     md = open(tmp_path / "results.md").read()
     assert "| seed | seed | mobilenet_v3_large" in md
+    assert "| disco | disco | mobilenet_v3_large" in md and "| kd | kd | mobilenet_v3_large" in md
 
 
 def test_config_arg_parsing_is_typed():
