@@ -20,6 +20,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+# Multi-process runs (see disco_jax/distributed.py and launch/README.md).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (env DISCO_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (env DISCO_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id in [0, num_processes) (env DISCO_PROCESS_ID).")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300,
+    "Seconds to wait for every process to arrive, and heartbeat timeout after a peer dies.")
 
 
 class _QuietLibraries(logging.Filter):
@@ -58,6 +68,10 @@ def main(argv: list[str]) -> None:
     if config is None or not workdir:
         sys.exit("error: both --config and --workdir are required")
     try:
+        from disco_jax import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               timeout_s=_DIST_TIMEOUT.value)
         from disco_jax import train
 
         if "stages" in config:
@@ -65,10 +79,16 @@ def main(argv: list[str]) -> None:
             print(open(os.path.join(workdir, "results.md")).read())
             print(json.dumps({"wall_seconds": summary["wall_seconds"]}))
         else:
-            train.run(config, workdir)
+            results = train.run(config, workdir)
+            if results.get("preempted"):
+                print(f"preempted: saved step {results['step']} in {workdir}; run the same"
+                      " command again to resume", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
