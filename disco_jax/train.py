@@ -52,6 +52,7 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     sharding.check_batch(config.batch_size, mesh)
     source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
     resilience.NonFiniteGuard(config.get("nonfinite", "stop"))  # validates the option
+    data_shards(config)
     for split, needed in ((config.data.train_split, True),
                           (config.data.eval_split, config.eval.enabled)):
         if needed and source.num_examples(split) == 0:
@@ -169,6 +170,48 @@ def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: opt
     return train_step
 
 
+def data_shards(config: Any) -> int:
+    """How many data shards the global batch is cut into (data.num_shards, -1: one per process).
+
+    The training stream is a pure function of (seed, step, shards), whatever the process count:
+    each process reads `shards / process_count` shards and concatenates their batches. So a run
+    on 2 hosts equals a run on 1 host with `data.num_shards=2`, and resuming on another number of
+    hosts with the same `num_shards` continues the very same stream.
+    """
+    n = int(config.data.get("num_shards", -1))
+    n = jax.process_count() if n == -1 else n
+    if n <= 0 or n % jax.process_count() or config.batch_size % n:
+        raise ConfigError(
+            f"data.num_shards={n} must be a positive multiple of the {jax.process_count()}"
+            f" process(es) that divides the global batch {config.batch_size} (-1: one per process)"
+        )
+    return n
+
+
+def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
+    """This process's training batches: its shards' batches, concatenated along the batch."""
+    shards = data_shards(config)
+    per_process = shards // jax.process_count()
+    streams = [
+        data.train_dataset(
+            source, split=config.data.train_split, views=method.views(config),
+            image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
+            flip_p=config.data.flip_p, local_batch=config.batch_size // shards, seed=config.seed,
+            start_step=start_step, process_index=jax.process_index() * per_process + i,
+            process_count=shards, shuffle_buffer=config.data.shuffle_buffer,
+            **method.data_options(config),
+        )
+        for i in range(per_process)
+    ]
+    if per_process == 1:
+        return streams[0]
+    import tensorflow as tf
+
+    return tf.data.Dataset.zip(tuple(streams)).map(
+        lambda *xs: {k: tf.concat([x[k] for x in xs], 0) for k in xs[0]}
+    )
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -210,9 +253,10 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
 
     # ---- steps and schedule.
     # The pipeline's own epoch length, so per-epoch lr steps line up with its reshuffles.
+    shards = data_shards(config)
     steps_per_epoch = max(1, data.steps_per_epoch(
         source, split=config.data.train_split,
-        local_batch=config.batch_size // jax.process_count(), process_count=jax.process_count(),
+        local_batch=config.batch_size // shards, process_count=shards,
     ))
     total_steps = num_train_steps(config, steps_per_epoch)
     schedule = optim.lr_schedule(
@@ -290,14 +334,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
              config.student.model, f"{n_params:,}", dict(mesh.shape), total_steps,
              steps_per_epoch, config.batch_size)
 
-    ds = data.train_dataset(
-        source, split=config.data.train_split, views=method.views(config), image_size=size,
-        crop_scale=tuple(config.data.crop_scale), flip_p=config.data.flip_p,
-        local_batch=config.batch_size // jax.process_count(), seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), shuffle_buffer=config.data.shuffle_buffer,
-        **method.data_options(config),
-    )
+    ds = train_stream(source, config, method, start_step)
     batch_sh = {k: sharding.batch_sharding(mesh) for k in ds.element_spec}
     step_fn = jax.jit(
         make_train_step(method, tx, schedule, ctx),
