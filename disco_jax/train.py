@@ -90,7 +90,8 @@ def load_teacher(config: Any, method: Any, dtype: Any) -> tuple[Any, Any, dict]:
     teacher = method.build_teacher(manifest, dtype)
     size = config.data.image_size
     expected = jax.eval_shape(
-        teacher.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), dtype), train=False
+        functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
+        jnp.zeros((1, size, size, 3), dtype),
     )
     expected = {k: expected[k] for k in ("params", "batch_stats") if k in expected}
     got = {k: host_vars[k] for k in expected if k in host_vars}
@@ -382,13 +383,18 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     batches = data.global_iterator(ds, mesh)
     guard = resilience.NonFiniteGuard(config.get("nonfinite", "stop"))
     preemption = resilience.Preemption()
-    kill_at = int(os.environ.get("DISCO_JAX_TEST_KILL_AT_STEP", "0"))  # tests only: SIGKILL
+    # Tests only: "STEP:SIGNUM" sends this process a signal right after that step's update
+    # (SIGKILL: a hard kill, maybe during an async checkpoint write; SIGTERM: a preemption).
+    signal_at = os.environ.get("DISCO_JAX_TEST_SIGNAL_AT_STEP", "")
+    signal_step, _, signal_num = signal_at.partition(":")
     preempted = False
     t0, t_last, step_last = time.time(), time.time(), start_step
     for step in range(start_step + 1, end_step + 1):
         batch = next(batches)
         state, metrics = step_fn(state, batch, teacher_vars)
         guard.add(step, metrics)
+        if signal_at and step == int(signal_step):
+            os.kill(os.getpid(), int(signal_num))
         report(step, time.time())
         is_log = step % config.log_every_steps == 0 or step == end_step
         # Multi-process agreement on a preemption costs a collective: only at log steps.
@@ -410,8 +416,6 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
             metrics_log.write(step, knn)
             log.info("step %d kNN top-1 %.2f%%", step, knn["knn_top1"])
         checkpoint.save(mngr, step, state, meta, force=step == end_step or preempted)
-        if step == kill_at:
-            os.kill(os.getpid(), 9)  # SIGKILL: possibly in the middle of the async write above
         if preempted:
             break
     preemption.close()
