@@ -255,8 +255,6 @@ def _looks_like_image(path: str) -> bool:
 
 def _drop_bad_images(root: str, listing: dict, bad_images: str) -> None:
     """Remove unreadable files from `listing` in place ('skip'), or raise ('error')."""
-    if bad_images not in ("error", "skip"):
-        raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
     bad = []
     for classes in listing.values():
         for name, paths in classes.items():
@@ -344,8 +342,11 @@ def get_source(cfg: Any) -> DataSource:
     if data_dir is not None:
         data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
 
+    bad_images = _cfg_get(cfg, "bad_images", "error")
+    if bad_images not in ("error", "skip"):  # checked for every source: a typo fails anywhere
+        raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
     if name.startswith(FOLDER_PREFIX):
-        source = _folder_source(name, _cfg_get(cfg, "bad_images", "error"))
+        source = _folder_source(name, bad_images)
     else:
         if name == "digits":
             from disco_jax.data.digits import ensure_digits
