@@ -101,7 +101,9 @@ def fingerprint(tree: Any) -> str:
 
 
 def save_encoder(path: str, variables: dict, manifest: dict) -> None:
-    """Write `{"params", "batch_stats"}` and a manifest (architecture, head, source, ...)."""
+    """Write `{"params", "batch_stats"}` and a manifest (architecture, head, source, ...).
+
+    In a multi-process run every process must call it (orbax's save is collective)."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -109,6 +111,8 @@ def save_encoder(path: str, variables: dict, manifest: dict) -> None:
     target = os.path.join(path, "variables")
     ckptr.save(target, variables, force=True)
     ckptr.wait_until_finished()
+    if jax.process_index() != 0:  # all processes join orbax's save; one writes the manifest
+        return
     manifest = {**manifest, "fingerprint": fingerprint(variables)}
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as f:

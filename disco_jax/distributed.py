@@ -8,9 +8,11 @@ and metrics, and orbax checkpoints are written by every process (each writes its
 Where the settings come from, first match wins:
 1. flags `--coordinator_address HOST:PORT --num_processes N --process_id I`;
 2. environment `DISCO_COORDINATOR_ADDRESS`, `DISCO_NUM_PROCESSES`, `DISCO_PROCESS_ID`;
-3. auto detection by jax on a TPU pod (several TPU worker hostnames) or in a SLURM job with
-   several tasks;
-4. otherwise a single process: nothing to initialise.
+3. `--distributed=on`: jax's own cluster detection (TPU VM pods, SLURM, Open MPI, k8s);
+   launch/tpu_pod.sh passes it;
+4. `--distributed=auto` (default): the same, when the environment shows several processes
+   (a SLURM job with several tasks, or several TPU_WORKER_HOSTNAMES);
+5. otherwise (or `--distributed=off`) a single process: nothing to initialise.
 
 `jax.distributed.initialize` aborts the process without saying who is missing when a peer never
 arrives. So explicit starts first meet at a small TCP rendezvous on PORT+1: after `timeout_s`
@@ -67,11 +69,15 @@ def auto_detected() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, timeout_s: int = 300) -> None:
+               process_id: int | None = None, timeout_s: int = 300, mode: str = "auto") -> None:
     """Start jax.distributed if this is a multi-process run; must precede any jax computation."""
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"--distributed must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return
     explicit = settings(coordinator_address, num_processes, process_id)
     if explicit is None:
-        if auto_detected():
+        if mode == "on" or auto_detected():
             jax.distributed.initialize(initialization_timeout=timeout_s,
                                        heartbeat_timeout_seconds=timeout_s)
             log.info("jax.distributed (auto): process %d of %d", jax.process_index(),

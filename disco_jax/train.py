@@ -438,11 +438,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables = jax.tree_util.tree_map(sharding.to_host, variables)
         variables, manifest = method.export(config, variables)
-        if is_main:
-            checkpoint.save_encoder(
-                os.path.join(workdir, "encoder"), variables,
-                manifest | {"source": "disco_jax", "method": config.method, "step": final_step},
-            )
+        # Every process: orbax's save synchronises them (process 0 alone would wait forever).
+        checkpoint.save_encoder(
+            os.path.join(workdir, "encoder"), variables,
+            manifest | {"source": "disco_jax", "method": config.method, "step": final_step},
+        )
         if config.eval.enabled:
             t_eval = time.time()
             results.update(evaluate(state, linear=True))
