@@ -389,36 +389,41 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     signal_step, _, signal_num = signal_at.partition(":")
     preempted = False
     t0, t_last, step_last = time.time(), time.time(), start_step
-    for step in range(start_step + 1, end_step + 1):
-        batch = next(batches)
-        state, metrics = step_fn(state, batch, teacher_vars)
-        guard.add(step, metrics)
-        if signal_at and step == int(signal_step):
-            os.kill(os.getpid(), int(signal_num))
-        report(step, time.time())
-        is_log = step % config.log_every_steps == 0 or step == end_step
-        # Multi-process agreement on a preemption costs a collective: only at log steps.
-        preempted = (jax.process_count() == 1 or is_log) and preemption.should_stop(step)
-        if is_log or preempted or step == end_step or mngr.should_save(step):
-            guard.check()  # before any save: a non-finite state is never checkpointed
-        if is_log:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.time()
-            rate = (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            scalars["steps_per_sec"] = rate
-            metrics_log.write(step, scalars)
-            log.info("step %d/%d loss %.4f lr %.4g | %.2f steps/s, %.0f img/s, ETA %s",
-                     step, total_steps, scalars["loss"], scalars["lr"], rate,
-                     rate * config.batch_size, format_eta((total_steps - step) / max(rate, 1e-9)))
-        if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and step < end_step:
-            knn = evaluate(state, linear=False)
-            metrics_log.write(step, knn)
-            log.info("step %d kNN top-1 %.2f%%", step, knn["knn_top1"])
-        checkpoint.save(mngr, step, state, meta, force=step == end_step or preempted)
-        if preempted:
-            break
-    preemption.close()
+    try:
+        for step in range(start_step + 1, end_step + 1):
+            batch = next(batches)
+            state, metrics = step_fn(state, batch, teacher_vars)
+            guard.add(step, metrics)
+            if signal_at and step == int(signal_step):
+                os.kill(os.getpid(), int(signal_num))
+            report(step, time.time())
+            is_log = step % config.log_every_steps == 0 or step == end_step
+            # Multi-process agreement on a preemption costs a collective: only at log steps.
+            preempted = (jax.process_count() == 1 or is_log) and preemption.should_stop(step)
+            if is_log or preempted or step == end_step or mngr.should_save(step):
+                guard.check()  # before any save: a non-finite state is never checkpointed
+            if is_log:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
+                           if k != "finite"}
+                now = time.time()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                scalars["steps_per_sec"] = rate
+                metrics_log.write(step, scalars)
+                log.info("step %d/%d loss %.4f lr %.4g | %.2f steps/s, %.0f img/s, ETA %s",
+                         step, total_steps, scalars["loss"], scalars["lr"], rate,
+                         rate * config.batch_size,
+                         format_eta((total_steps - step) / max(rate, 1e-9)))
+            every = config.eval_every_steps
+            if every > 0 and step % every == 0 and step < end_step:
+                knn = evaluate(state, linear=False)
+                metrics_log.write(step, knn)
+                log.info("step %d kNN top-1 %.2f%%", step, knn["knn_top1"])
+            checkpoint.save(mngr, step, state, meta, force=step == end_step or preempted)
+            if preempted:
+                break
+    finally:  # also on errors: never leave our SIGTERM handler behind
+        preemption.close()
     checkpoint.wait(mngr)
     train_time = time.time() - t0
     if preempted:

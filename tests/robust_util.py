@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from disco_jax import checkpoint, config_lib, methods, models
+from disco_jax import checkpoint, config_lib, methods, models, sharding
 from tests.helpers import ROOT, load_config, random_variables
 
 TOTAL_STEPS = 6
@@ -91,10 +91,16 @@ def saved_state(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, host numpy state) of a checkpoint (default: the latest) in `workdir`."""
     mngr = checkpoint.manager(workdir, keep=100, every_steps=1)
     step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    # An explicit target on this process's mesh: the checkpoint may come from other processes.
+    meta = ocp.StandardCheckpointer().metadata(
+        os.path.join(workdir, "checkpoints", str(step), "state")).item_metadata
+    shapes = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(meta))
+    shardings = sharding.tree_shardings(shapes, sharding.make_mesh())
+    target = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
+    state, _ = checkpoint.restore(mngr, step, target)
     mngr.close()
-    return step, jax.tree_util.tree_map(np.asarray, dict(out["state"]))
+    return step, jax.tree_util.tree_map(np.asarray, dict(state))
 
 
 def assert_trees_equal(a, b) -> None:

@@ -80,10 +80,14 @@ def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
     step_a, a = saved_state(single)
     step_b, b = saved_state(multi)
     assert step_a == step_b == TOTAL_STEPS
+    # Not bitwise: the cross-process all-reduce (gloo) sums in another order than the
+    # in-process one (losses differ by ~1e-7 relative). A sharding or data bug (a process
+    # reading the wrong shard, per-process BN statistics) moves these by percents.
     for key in ("params", "batch_stats", "queue", "opt_state"):
         flat_a = np.concatenate([np.ravel(x) for x in _leaves(a[key])])
         flat_b = np.concatenate([np.ravel(x) for x in _leaves(b[key])])
-        np.testing.assert_allclose(flat_a, flat_b, rtol=1e-5, atol=1e-6, err_msg=key)
+        rel = np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_a)
+        assert rel < 1e-5, f"{key}: relative L2 difference {rel:.2e}"
 
 
 def _leaves(tree):

@@ -159,10 +159,12 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path, data
                                                                   straight):
     workdir = copy_upto(straight, str(tmp_path / "w"), 2)
     before = tree_digest(os.path.join(workdir, "checkpoints"))
+    handler = signal.getsignal(signal.SIGTERM)
     # The poisoned teacher makes step 3 non-finite; the host notices at step 4 (log + save).
     with pytest.raises(FloatingPointError, match=r"at step 3 \(.*loss=nan") as info:
         train.run(tiny_config(data_dir, teachers[1]), workdir)
     assert "\n" not in str(info.value) and "last good checkpoint is kept" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored on the error path too
     assert tree_digest(os.path.join(workdir, "checkpoints")) == before
 
 
