@@ -197,3 +197,13 @@ def test_disk_full_while_checkpointing_is_one_line(tmp_path, data_dir, teachers,
         train.run(tiny_config(data_dir, teachers[0]), workdir)
     assert "\n" not in str(info.value)
     assert tree_digest(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_real_checkpoint_of_another_config_is_refused(tmp_path, data_dir, teachers, straight):
+    """The same check as tests/test_errors.py, on a checkpoint the trainer wrote itself."""
+    workdir = copy_upto(straight, str(tmp_path / "w"), 4)
+    before = tree_digest(workdir)
+    cfg = tiny_config(data_dir, teachers[0], **{"loss.student_temp": 0.1})
+    with pytest.raises(ConfigError, match=r"different config \(loss.student_temp: 0.2 -> 0.1\)"):
+        train.run(cfg, workdir)
+    assert tree_digest(workdir) == before
