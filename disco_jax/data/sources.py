@@ -244,7 +244,8 @@ def _looks_like_image(path: str) -> bool:
             head = f.read(8)
             if size < 16 or not head.startswith(_MAGIC):
                 return False
-            f.seek(max(size - 16, 0))
+            # Some writers pad after the end marker: look for it in the last 4 KiB.
+            f.seek(max(size - 4096, 0))
             tail = f.read()
     except OSError:
         return False
