@@ -35,12 +35,46 @@ def manager(workdir: str, *, keep: int, every_steps: int) -> ocp.CheckpointManag
     )
 
 
+class CheckpointWriteError(ConfigError):
+    """The disk filled up (or its quota ran out) while a checkpoint was being written."""
+
+
+def _disk_full(mngr: ocp.CheckpointManager, step: int | None, e: BaseException) -> None:
+    from disco_jax import resilience
+
+    if not resilience.is_disk_full(e):
+        raise e
+    where = f"step {step}" if step is not None else "the last step"
+    kept = [s for s in mngr.all_steps() if step is None or s < step]
+    raise CheckpointWriteError(
+        f"no space left on device while writing the checkpoint of {where} in {mngr.directory};"
+        f" free space (or lower keep_checkpoints) and run again: it resumes from step"
+        f" {max(kept) if kept else 0}, the last complete checkpoint"
+    ) from None
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, force=False) -> bool:
-    return mngr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force,
-    )
+    """Save asynchronously (orbax writes a tmp dir and renames it when complete)."""
+    try:
+        return mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+    except Exception as e:  # an earlier async write may surface its error here too
+        _disk_full(mngr, step, e)
+        raise
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Wait for pending writes; a full disk becomes a one-line error."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        _disk_full(mngr, None, e)
+        raise
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -67,7 +101,9 @@ def fingerprint(tree: Any) -> str:
 
 
 def save_encoder(path: str, variables: dict, manifest: dict) -> None:
-    """Write `{"params", "batch_stats"}` and a manifest (architecture, head, source, ...)."""
+    """Write `{"params", "batch_stats"}` and a manifest (architecture, head, source, ...).
+
+    In a multi-process run every process must call it (orbax's save is collective)."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     variables = jax.tree_util.tree_map(np.asarray, variables)
@@ -75,6 +111,8 @@ def save_encoder(path: str, variables: dict, manifest: dict) -> None:
     target = os.path.join(path, "variables")
     ckptr.save(target, variables, force=True)
     ckptr.wait_until_finished()
+    if jax.process_index() != 0:  # all processes join orbax's save; one writes the manifest
+        return
     manifest = {**manifest, "fingerprint": fingerprint(variables)}
     tmp = os.path.join(path, MANIFEST + ".tmp")
     with open(tmp, "w") as f:

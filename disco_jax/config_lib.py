@@ -58,6 +58,11 @@ def base_config() -> mlc.ConfigDict:
             "crop_scale": (0.2, 1.0),
             "flip_p": 0.5,  # horizontal flip probability (host side)
             "shuffle_buffer": 50_000,
+            "bad_images": "error",
+            # Data shards the global batch is cut into; -1: one per process (each reads its
+            # own). Fix it (e.g. to the largest host count) to keep the stream independent of
+            # the number of hosts.
+            "num_shards": -1,  # image folders: corrupt/non-image files "error" or "skip"
         }
     )
     # MoCo-v2 "aug-plus"; RandomResizedCrop and flip run on the host, the rest on the device.
@@ -104,6 +109,8 @@ def base_config() -> mlc.ConfigDict:
     c.log_every_steps = 50
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
+    c.nonfinite = "stop"  # non-finite loss/grads: "stop" (keep last good checkpoint) or "skip"
+    c.force_resume = False  # resume a workdir whose checkpoint came from a different config
     c.eval_every_steps = -1  # periodic kNN; the full evaluation always runs at the end
     c.eval = mlc.ConfigDict(
         {

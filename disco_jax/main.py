@@ -20,6 +20,20 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+# Multi-process runs (see disco_jax/distributed.py and launch/README.md).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (env DISCO_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (env DISCO_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id in [0, num_processes) (env DISCO_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "on: jax cluster auto-detection (TPU pods, SLURM); auto: when SLURM/TPU env shows several"
+    " processes or the flags above are given; off: single process.")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300,
+    "Seconds to wait for every process to arrive, and heartbeat timeout after a peer dies.")
 
 
 class _QuietLibraries(logging.Filter):
@@ -43,6 +57,9 @@ def run_stages(config, workdir: str) -> dict:
         t = time.time()
         results[name] = {**train.run(stage, os.path.join(workdir, name)),
                          "stage_seconds": round(time.time() - t, 1)}
+        if results[name].get("preempted"):  # later stages need this one finished
+            return {"stages": results, "preempted": True, "step": results[name]["step"],
+                    "wall_seconds": round(time.time() - t0, 1)}
     summary = {"stages": results, "wall_seconds": round(time.time() - t0, 1)}
     report.write(workdir, summary, config)
     return summary
@@ -58,17 +75,28 @@ def main(argv: list[str]) -> None:
     if config is None or not workdir:
         sys.exit("error: both --config and --workdir are required")
     try:
+        from disco_jax import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               timeout_s=_DIST_TIMEOUT.value, mode=_DISTRIBUTED.value)
         from disco_jax import train
 
         if "stages" in config:
-            summary = run_stages(config, workdir)
-            print(open(os.path.join(workdir, "results.md")).read())
-            print(json.dumps({"wall_seconds": summary["wall_seconds"]}))
+            results = run_stages(config, workdir)
+            if not results.get("preempted"):
+                print(open(os.path.join(workdir, "results.md")).read())
+                print(json.dumps({"wall_seconds": results["wall_seconds"]}))
         else:
-            train.run(config, workdir)
+            results = train.run(config, workdir)
+        if results.get("preempted"):
+            print(f"preempted: saved step {results['step']} in {workdir}; run the same"
+                  " command again to resume", file=sys.stderr)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

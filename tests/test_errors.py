@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from disco_jax import train
@@ -40,6 +41,9 @@ def _set(cfg, key, value):
         ("loss.teacher_temp", 0.0, r"loss.teacher_temp must be positive, got 0.0"),
         ("loss.student_temp", -0.2, r"loss.student_temp must be positive"),
         ("teacher.init", "", r"needs teacher.init"),
+        ("nonfinite", "ignore", r"nonfinite must be 'stop' or 'skip', got 'ignore'"),
+        ("data.num_shards", 3, r"data.num_shards=3 must be a positive multiple"),
+        ("data.bad_images", "keep", r"data.bad_images must be 'error' or 'skip'"),
     ],
 )
 def test_bad_input_gives_one_clear_error(cfg, tmp_path, key, value, message):
@@ -89,3 +93,132 @@ def test_cli_unknown_override_key_fails(tmp_path):
                 "--config.no_such_field=1")
     assert proc.returncode != 0 and "no_such_field" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+# ------------------------------------------------------------------ teachers, workdirs, data
+
+
+def _tiny(data_dir, teacher_dir, **overrides):
+    from tests.robust_util import tiny_config
+
+    return tiny_config(data_dir, teacher_dir, **overrides)
+
+
+@pytest.fixture(scope="module")
+def good_teacher(tmp_path_factory, data_dir):
+    from tests.robust_util import make_teacher
+
+    return make_teacher(str(tmp_path_factory.mktemp("teacher") / "enc"), data_dir)
+
+
+def _fails_untouched(cfg, workdir, message):
+    """train.run raises one ConfigError line matching `message`; `workdir` is unchanged."""
+    before = sorted(os.walk(workdir)) if os.path.exists(workdir) else None
+    with pytest.raises(ConfigError, match=message) as info:
+        train.run(cfg, str(workdir))
+    assert "\n" not in str(info.value)
+    assert (sorted(os.walk(workdir)) if os.path.exists(workdir) else None) == before
+
+
+def test_teacher_of_the_wrong_architecture(tmp_path, data_dir, good_teacher):
+    import json
+    import shutil
+
+    bad = tmp_path / "wide"
+    shutil.copytree(good_teacher, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["model_kwargs"]["width"] = 0.25  # the weights are of a width-0.125 ResNet-18
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _tiny(data_dir, str(bad))
+    _fails_untouched(cfg, tmp_path / "w", r"teacher weights in .*wide.* do not fit a 'resnet18'"
+                     r".*mismatched arrays")
+    cfg.teacher.model = "resnet50"  # a manifest naming another model is caught before loading
+    _fails_untouched(cfg, tmp_path / "w", r"holds a 'resnet18' but teacher.model is 'resnet50'")
+
+
+def test_truncated_teacher_checkpoint(tmp_path, data_dir, good_teacher):
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(good_teacher, bad)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(bad / "variables") for f in fs]
+    for path in files:  # every data file cut to half its length
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    _fails_untouched(_tiny(data_dir, str(bad)), tmp_path / "w",
+                     r"cannot read teacher weights in .*truncated")
+
+
+def test_teacher_path_that_is_not_a_checkpoint(tmp_path, data_dir):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "manifest.json").write_text("this is not json")
+    _fails_untouched(_tiny(data_dir, str(junk)), tmp_path / "w", r"teacher manifest .* unreadable")
+    plain = tmp_path / "weights.pth"
+    plain.write_bytes(b"\0" * 64)
+    _fails_untouched(_tiny(data_dir, str(plain)), tmp_path / "w",
+                     r"teacher checkpoint .* not found")
+
+
+def test_workdir_of_a_different_config_is_refused(tmp_path, data_dir, good_teacher):
+    """A checkpoint remembers its config; resuming with other settings needs force_resume."""
+    import json
+
+    from disco_jax import resilience
+
+    workdir = tmp_path / "w"
+    meta = workdir / "checkpoints" / "2" / "meta"
+    meta.mkdir(parents=True)
+    saved = resilience.trajectory_config(_tiny(data_dir, good_teacher))
+    (meta / "metadata").write_text(json.dumps({"config": saved}))
+    (workdir / "config.json").write_text("{}")
+    cfg = _tiny(data_dir, good_teacher, **{"optimizer.base_lr": 0.1, "log_every_steps": 1})
+    _fails_untouched(cfg, workdir, r"different config \(optimizer.base_lr: 0.03 -> 0.1\).*"
+                     r"force_resume=True")
+    # Fields that do not change the trajectory (logging, paths, mesh) may change freely.
+    ok = _tiny(data_dir, good_teacher, log_every_steps=1, **{"mesh.num_devices": 8})
+    resilience.check_same_config(saved, resilience.trajectory_config(ok), str(workdir), False)
+    resilience.check_same_config(saved, resilience.trajectory_config(cfg), str(workdir), True)
+
+
+def _image_folder(root, *, train=6, test=2, corrupt=(), empty_test=False):
+    """folder:/root with two classes of 16x16 PNGs, plus `corrupt` (name, bytes) files."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", 0 if empty_test else test)):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    for name, payload in corrupt:
+        (root / "train" / "a" / name).write_bytes(payload)
+    return f"folder:{root}"
+
+
+def test_corrupt_images_in_a_folder_error_or_are_skipped(tmp_path, data_dir, good_teacher, caplog):
+    import logging
+
+    from disco_jax import data
+
+    name = _image_folder(tmp_path / "imgs", corrupt=[
+        ("notes.jpg", b"these are not pixels at all"),       # a non-image with an image name
+        ("cut.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40),    # a PNG cut short (no IEND)
+        ("empty.jpg", b""),
+    ])
+    cfg = _tiny(data_dir, good_teacher, **{"data.name": name, "batch_size": 8})
+    _fails_untouched(cfg, tmp_path / "w", r"has 3 corrupt or non-image file\(s\), e.g. .*"
+                     r"data.bad_images='skip'")
+    with caplog.at_level(logging.WARNING, logger="disco_jax"):
+        source = data.get_source({"name": name, "bad_images": "skip"})
+    assert source.num_examples("train") == 12  # the 3 bad files are not counted
+    assert "skipped 3 corrupt or non-image file(s)" in caplog.text
+
+
+def test_empty_split(tmp_path, data_dir, good_teacher):
+    name = _image_folder(tmp_path / "imgs", empty_test=True)
+    cfg = _tiny(data_dir, good_teacher, **{"data.name": name, "batch_size": 8})
+    cfg.eval.enabled = True
+    _fails_untouched(cfg, tmp_path / "w", r"split 'test' of folder:.* is empty")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,6 +64,7 @@ class DataSource:
     splits: Mapping[str, int]  # split name -> number of examples
     _read: _ReadFn = dataclasses.field(repr=False)
     _decode: Callable[[tf.Tensor], tf.Tensor] = dataclasses.field(repr=False)
+    version: str | None = None  # recorded in run_info.json (TFDS version; None for folders)
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -208,6 +210,7 @@ def _tfds_source(name: str, data_dir: str | None) -> DataSource:
         splits=splits,
         _read=read,
         _decode=decode,
+        version=str(info.version),
     )
 
 
@@ -228,7 +231,50 @@ def _list_split(split_dir: str) -> dict[str, list[str]]:
     return classes
 
 
-def _folder_source(spec: str) -> DataSource:
+# Magic numbers of the formats tf.io.decode_image reads here; anything else would fail mid-run.
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+
+
+def _looks_like_image(path: str) -> bool:
+    """A cheap check (header bytes and a JPEG/PNG trailer) that catches empty, truncated and
+    non-image files at start-up instead of as a decode error hours into a run."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if size < 16 or not head.startswith(_MAGIC):
+                return False
+            # Some writers pad after the end marker: look for it in the last 4 KiB.
+            f.seek(max(size - 4096, 0))
+            tail = f.read()
+    except OSError:
+        return False
+    if head.startswith(_MAGIC[0]):
+        return b"IEND" in tail
+    return b"\xff\xd9" in tail
+
+
+def _drop_bad_images(root: str, listing: dict, bad_images: str) -> None:
+    """Remove unreadable files from `listing` in place ('skip'), or raise ('error')."""
+    bad = []
+    for classes in listing.values():
+        for name, paths in classes.items():
+            good = [p for p in paths if _looks_like_image(p)]
+            bad += sorted(set(paths) - set(good))
+            classes[name] = good
+    if not bad:
+        return
+    if bad_images == "error":
+        raise ConfigError(
+            f"image folder {root} has {len(bad)} corrupt or non-image file(s), e.g. {bad[0]};"
+            " remove them or set data.bad_images='skip'"
+        )
+    logging.getLogger("disco_jax").warning(
+        "image folder %s: skipped %d corrupt or non-image file(s), e.g. %s", root, len(bad), bad[0]
+    )
+
+
+def _folder_source(spec: str, bad_images: str = "error") -> DataSource:
     root = os.path.abspath(os.path.expanduser(spec[len(FOLDER_PREFIX) :]))
     layout = "<root>/{train,test}/<class>/*.png|jpg"
     if not os.path.isdir(os.path.join(root, "train")):
@@ -238,6 +284,7 @@ def _folder_source(spec: str) -> DataSource:
         for entry in sorted(os.scandir(root), key=lambda e: e.name)
         if entry.is_dir() and not entry.name.startswith(".")
     }
+    _drop_bad_images(root, listing, bad_images)
     class_names = sorted(listing["train"])
     if not any(listing["train"].values()):
         raise ConfigError(f"image folder {root}/train has no PNG/JPEG images; expected {layout}")
@@ -252,7 +299,8 @@ def _folder_source(spec: str) -> DataSource:
             )
         paths = [p for c in sorted(classes) if c in class_ids for p in classes[c]]
         labels = [class_ids[c] for c in sorted(classes) if c in class_ids for _ in classes[c]]
-        if not paths:
+        if not paths:  # kept, so the error says "empty" rather than "unknown split"
+            files[split] = (np.asarray([], dtype=str), np.asarray([], np.int64))
             continue
         # Listing order is class-sorted; a fixed permutation mixes classes so that every
         # process's contiguous shard sees all of them. Seed 0: the order never changes.
@@ -295,8 +343,11 @@ def get_source(cfg: Any) -> DataSource:
     if data_dir is not None:
         data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
 
+    bad_images = _cfg_get(cfg, "bad_images", "error")
+    if bad_images not in ("error", "skip"):  # checked for every source: a typo fails anywhere
+        raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
     if name.startswith(FOLDER_PREFIX):
-        source = _folder_source(name)
+        source = _folder_source(name, bad_images)
     else:
         if name == "digits":
             from disco_jax.data.digits import ensure_digits
