@@ -38,9 +38,10 @@ from typing import Any
 
 from disco_jax import models
 from disco_jax.errors import unknown_name
-from disco_jax.methods import moco, seed
+from disco_jax.methods import byol, moco, seed, simclr, ssld, supervised
 
 METHODS: dict[str, types.ModuleType] = {"moco_v2": moco, "seed": seed}
+METHODS |= {"ssld": ssld, "supervised": supervised, "simclr": simclr, "byol": byol}
 
 ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")
 
