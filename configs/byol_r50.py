@@ -7,6 +7,10 @@ adaptation), lr 0.2 x B/256, wd 1.5e-6, 10-epoch warm-up then cosine, projector 
 MLP 4096 -> BN -> ReLU -> 256, target EMA tau 0.996 cosine-increased to 1, loss 2 - 2cos
 symmetrised over the two views.
 
+Not reproduced: BYOL's asymmetric view augmentation (blur p 1.0 / 0.1, solarize p 0 / 0.2);
+both views use the shared augmentation (blur p 0.5, no solarize). The shared lr warm-up starts
+at base_lr x 1 rather than 0 (disco_jax.optim), like every config here.
+
 Variants: `:smoke` (tiny ResNet-18 on digits, 4 steps), `epochs=N`, `batch=B`.
 """
 
@@ -20,6 +24,7 @@ def get_config(arg: str | None = None):
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     c.data.crop_scale = (0.08, 1.0)
+    c.augment.saturation = 0.2  # BYOL's jitter (0.4, 0.4, 0.2, 0.1), p 0.8
     c.student = config_lib.encoder_config("resnet50", head="mlp_bn", head_hidden=4096)
     c.student.embed_dim = 256
     c.loss.tau_base = 0.996

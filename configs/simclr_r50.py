@@ -6,8 +6,11 @@ top-1 (1000 epochs, batch 4096); `epochs=100|200` are the shorter rows of Fig. 9
 BN params and biases excluded from weight decay and adaptation), lr 0.3 x B/256 (= 4.8;
 `lr_scaling=sqrt`: 0.075 x sqrt(B), the paper's better choice for short runs), wd 1e-6,
 10-epoch warm-up then cosine, NT-Xent with temperature 0.1 over the global batch, projection
-head 2048 -> 2048 -> 128 with BN, SimCLR colour augmentation (jitter strength 1.0 -> 0.8,
+head 2048 -> 2048 -> BN -> ReLU -> 128 ("mlp_bn"; the official v1 head also batch-normalises
+the 128-d output, not reproduced), SimCLR colour augmentation (jitter strength 1.0 -> 0.8,
 grayscale 0.2, blur 0.5, crop scale 0.08-1).
+
+The shared lr warm-up starts at base_lr rather than 0 (disco_jax.optim).
 
 Variants: `:smoke` (tiny ResNet-18 on digits, 4 steps), `epochs=N`, `temp=T`, `batch=B`,
 `lr_scaling=linear|sqrt`.

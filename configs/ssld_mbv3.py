@@ -84,10 +84,12 @@ def get_config(arg: str | None = None):
                 s[net].num_classes = 10
             s.teacher.model = "resnet18"
             s.teacher.init = "" if name == "teacher" else "{workdir}/teacher/encoder"
+            s.eval.enabled = name == "finetune"  # one full evaluation: the final student
             stages[name] = s
         # Unlabelled source: the digits train split once more (labels never read by ssld).
         stages["distill"].data.extra = ({"name": "digits", "split": "train"},)
     c = mlc.ConfigDict()
+    c.dataset_name = "digits (smoke)" if args.smoke else "ImageNet-1k (+ data.extra in stage 1)"
     c.stage_order = tuple(stages)
     c.stages = stages
     return c

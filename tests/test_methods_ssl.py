@@ -55,9 +55,10 @@ def ssld_run(tmp_path_factory, data_dir):
 
 def test_ssld_smoke_stages_run_end_to_end_and_finetune_starts_from_distilled(ssld_run):
     cfg, workdir, summary = ssld_run
+    assert 0 <= summary["stages"]["finetune"]["linear_top1"] <= 100
+    assert os.path.exists(os.path.join(workdir, "results.md"))
     for name in ("teacher", "distill", "finetune"):
-        res = summary["stages"][name]
-        assert res["step"] == 3 and 0 <= res["linear_top1"] <= 100
+        assert summary["stages"][name]["step"] == 3
         assert np.isfinite([r["loss"] for r in read_metrics(os.path.join(workdir, name))]).all()
     teacher = json.load(open(os.path.join(workdir, "teacher", "encoder", "manifest.json")))
     assert teacher["num_classes"] == 10 and teacher["method"] == "supervised"
@@ -74,7 +75,7 @@ def test_ssld_smoke_stages_run_end_to_end_and_finetune_starts_from_distilled(ssl
 
 def test_ssld_8_devices_equal_1_device(ssld_run, tmp_path):
     cfg, workdir, _ = ssld_run
-    stage = cfg.stages["distill"]
+    stage = cfg.stages["distill"].copy_and_resolve_references()
     stage.teacher.init = os.path.join(workdir, "teacher", "encoder")
     stage.eval.enabled = False
     stage.mesh.num_devices = 1
@@ -84,7 +85,7 @@ def test_ssld_8_devices_equal_1_device(ssld_run, tmp_path):
 
 def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
     cfg, workdir, _ = ssld_run
-    stage = cfg.stages["finetune"]
+    stage = cfg.stages["finetune"].copy_and_resolve_references()
     enc = os.path.join(workdir, "distill", "encoder")
     stage.student.init = enc
     variables, _ = checkpoint.load_encoder(enc)
@@ -102,7 +103,7 @@ def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
 
 def test_ssld_validate_rejects_non_classifiers_and_bad_options(ssld_run):
     cfg, workdir, _ = ssld_run
-    stage = cfg.stages["distill"]
+    stage = cfg.stages["distill"].copy_and_resolve_references()
     stage.teacher.init = os.path.join(workdir, "teacher", "encoder")
     ssld.validate(stage)
     for key, value, match in [("teacher_bn", "frozen", "teacher_bn"),
