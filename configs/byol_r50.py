@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_epochs = 10.0
     c.optimizer.granularity = "step"
     if args.smoke:
+        c.student.model = "resnet18"  # a cheap compile; the method's code paths are the same
+        c.optimizer.warmup_epochs = 0.0
         c = config_lib.smoke(c)
         c.loss.pred_hidden = 64
         c.student.embed_dim = 32

@@ -16,7 +16,8 @@ The 4M unlabelled images are not public: pass any source as `unlabeled=NAME` (a 
 `finetune`); R50_vd itself is not in the model zoo, so the default names a plain ResNet-50
 classifier (e.g. a converted torchvision model).
 
-Variants: `:smoke` (digits, tiny nets, 3 stages: a `supervised` teacher, then both SSLD stages).
+Variants: `:smoke` (digits, tiny ResNet-18s; 3 stages: a `supervised` teacher, then both
+SSLD stages).
 """
 
 import ml_collections as mlc
@@ -82,7 +83,7 @@ def get_config(arg: str | None = None):
             s.optimizer.warmup_epochs = 0.0
             for net in ("student", "teacher"):
                 s[net].num_classes = 10
-            s.teacher.model = "resnet18"
+                s[net].model = "resnet18"  # cheap compiles; SSLD's code paths are the same
             s.teacher.init = "" if name == "teacher" else "{workdir}/teacher/encoder"
             s.eval.enabled = name == "finetune"  # one full evaluation: the final student
             stages[name] = s
