@@ -96,7 +96,7 @@ def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
     bad = jax.tree_util.tree_map(lambda x: np.zeros((*x.shape, 1)), zeros)
     with pytest.raises(ConfigError, match="do not match"):
         ssld.init_extra(stage, None, bad, {})
-    stage.student.model = "resnet18"
+    stage.student.model = "mobilenet_v3_large"
     with pytest.raises(ConfigError, match="student.init"):
         ssld.validate(stage)
 
