@@ -273,3 +273,52 @@ def cosine_loss(student_emb: Array, teacher_emb: Array) -> Array:
     s = l2_normalize(student_emb)
     t = jax.lax.stop_gradient(l2_normalize(teacher_emb))
     return jnp.mean(1.0 - jnp.sum(s * t, axis=-1))
+def ssld_loss(
+    student_logits: Array, teacher_logits: Array, temperature: float = 1.0, eps: float = 0.0
+) -> Array:
+    """SSLD's "JS divergence" (PaddleClas `JSDivLoss` 2020 / `DMLLoss` now): half the symmetric
+    KL between the class distributions, batch mean of the class sum.
+
+    L = 1/N sum_n sum_c 1/2 [p_t log((p_t+eps)/(p_s+eps)) + p_s log((p_s+eps)/(p_t+eps))],
+    p = softmax(logits / temperature). eps=0 is the 2020 code, 1e-12 the current one (with eps=0
+    log-probabilities are taken from log_softmax, so no probability underflows to log 0).
+    The teacher is a constant (stop_gradient); the student receives gradients through both terms.
+    """
+    s = student_logits.astype(jnp.float32) / temperature
+    t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+    ps, pt = jax.nn.softmax(s, axis=-1), jax.nn.softmax(t, axis=-1)
+    if eps:
+        log_ratio = jnp.log(pt + eps) - jnp.log(ps + eps)
+    else:
+        log_ratio = jax.nn.log_softmax(t, axis=-1) - jax.nn.log_softmax(s, axis=-1)
+    # pt log(pt/ps) + ps log(ps/pt) = (pt - ps) log(pt/ps)
+    return jnp.mean(jnp.sum(0.5 * (pt - ps) * log_ratio, axis=-1))
+
+
+def simclr_loss(z1: Array, z2: Array, temp: float = 0.1) -> Array:
+    """SimCLR NT-Xent over the batch (google-research/simclr `objective.py: add_contrastive_loss`).
+
+    For view-1 row i the positive is view-2 row i; the negatives are every other row of both
+    views (2N - 2), its own similarity is masked out. Returns mean_i(loss_a_i + loss_b_i), the
+    official reduction (the sum of the two directions' batch means). Under jit the batch is the
+    global batch, which is what the official cross-replica all-gather builds.
+    """
+    h1, h2 = l2_normalize(z1), l2_normalize(z2)
+    n = h1.shape[0]
+    self_mask = jnp.eye(n, dtype=bool)
+    neg_inf = jnp.finfo(jnp.float32).min
+
+    def direction(a: Array, b: Array) -> Array:
+        logits_ab = a @ b.T / temp
+        logits_aa = jnp.where(self_mask, neg_inf, a @ a.T / temp)
+        logp = jax.nn.log_softmax(jnp.concatenate([logits_ab, logits_aa], axis=1), axis=-1)
+        return -jnp.diagonal(logp[:, :n])
+
+    return jnp.mean(direction(h1, h2) + direction(h2, h1))
+
+
+def byol_loss(p: Array, z: Array) -> Array:
+    """BYOL regression loss: batch mean of 2 - 2 cos(p, z); the target `z` is a constant."""
+    pn = l2_normalize(p)
+    zn = jax.lax.stop_gradient(l2_normalize(z))
+    return jnp.mean(2.0 - 2.0 * jnp.sum(pn * zn, axis=-1))

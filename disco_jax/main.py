@@ -53,6 +53,8 @@ def run_stages(config, workdir: str) -> dict:
         stage = config.stages[name]
         if stage.teacher.init:
             stage.teacher.init = stage.teacher.init.format(workdir=os.path.abspath(workdir))
+        if stage.student.get("init"):  # a later stage starting from an earlier one's encoder
+            stage.student.init = stage.student.init.format(workdir=os.path.abspath(workdir))
         logging.getLogger("disco_jax").info("=== stage %s (%s)", name, stage.method)
         t = time.time()
         results[name] = {**train.run(stage, os.path.join(workdir, name)),

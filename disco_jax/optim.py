@@ -93,7 +93,12 @@ def make_optimizer(
             ),
         )
     if name == "lars":
-        return optax.lars(schedule, weight_decay=wd, momentum=cfg.get("momentum", 0.9))
+        # SimCLR / BYOL LARS: BN parameters and biases get neither the trust-ratio adaptation
+        # (always, as both official codes) nor, with weight_decay_mask="kernels", weight decay.
+        return optax.lars(
+            schedule, weight_decay=wd, weight_decay_mask=mask or True,
+            trust_ratio_mask=_kernel_mask, momentum=cfg.get("momentum", 0.9),
+        )
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=wd, mask=mask)
     raise unknown_name("optimizer", name, ["sgd", "lars", "adamw"])

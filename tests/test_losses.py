@@ -372,3 +372,97 @@ def test_embedding_l2_and_cosine_losses_match_numpy():
     for fn in (losses.embedding_l2_loss, losses.cosine_loss):
         gs, gt = jax.grad(fn, argnums=(0, 1))(sj, tj)
         assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0
+# ----------------------------------------------------------------------- SSLD, SimCLR, BYOL
+
+
+def _np_softmax(z):
+    return np.exp(_np_log_softmax(z))
+
+
+def np_ssld_loss(s, t, temperature=1.0, eps=0.0):
+    """PaddleClas JSDivLoss (2020) / DMLLoss (eps=1e-12): mean over N*C of the elementwise
+    half-symmetric KL, times C."""
+    ps, pt = _np_softmax(s / temperature), _np_softmax(t / temperature)
+    kl_ts = pt * np.log((pt + eps) / (ps + eps))
+    kl_st = ps * np.log((ps + eps) / (pt + eps))
+    return (kl_ts + kl_st).mean() / 2.0 * s.shape[1]
+
+
+def np_simclr_loss(z1, z2, temp):
+    """google-research/simclr objective.py add_contrastive_loss (LARGE_NUM masking)."""
+    h1, h2 = _np_normalize(z1), _np_normalize(z2)
+    n = h1.shape[0]
+    mask = np.eye(n) * 1e9
+    aa, bb = h1 @ h1.T / temp - mask, h2 @ h2.T / temp - mask
+    ab, ba = h1 @ h2.T / temp, h2 @ h1.T / temp
+    loss_a = -_np_log_softmax(np.concatenate([ab, aa], 1))[np.arange(n), np.arange(n)]
+    loss_b = -_np_log_softmax(np.concatenate([ba, bb], 1))[np.arange(n), np.arange(n)]
+    return np.mean(loss_a + loss_b)
+
+
+def np_byol_loss(p, z):
+    return np.mean(2 - 2 * (_np_normalize(p) * _np_normalize(z)).sum(1))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-3])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_ssld_loss_matches_numpy(eps, temperature):
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(size=(6, 10)) * 3, rng.normal(size=(6, 10)) * 3
+    got = losses.ssld_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                           temperature, eps)
+    np.testing.assert_allclose(float(got), np_ssld_loss(s, t, temperature, eps),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ssld_loss_eps_matters_when_probabilities_underflow_and_is_zero_at_equality():
+    s = np.array([[0.0, 0.0, -40.0]], np.float32)  # p_s[2] ~ 4e-18: below eps=1e-3
+    t = np.array([[0.0, -40.0, 0.0]], np.float32)
+    l0 = float(losses.ssld_loss(s, t, eps=0.0))
+    l3 = float(losses.ssld_loss(s, t, eps=1e-3))
+    np.testing.assert_allclose(l3, np_ssld_loss(s.astype(np.float64), t, eps=1e-3), rtol=1e-5)
+    assert l3 < l0  # eps caps the log ratio of underflowing probabilities
+    assert float(losses.ssld_loss(s, s)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ssld_loss_gradient_reaches_only_student_and_bf16_inputs_run_in_float32():
+    rng = np.random.default_rng(4)
+    s, t = (jnp.asarray(rng.normal(size=(4, 7)), jnp.float32) for _ in range(2))
+    gs, gt = jax.grad(lambda a, b: losses.ssld_loss(a, b, eps=1e-12), argnums=(0, 1))(s, t)
+    assert float(jnp.abs(gs).sum()) > 0 and float(jnp.abs(gt).sum()) == 0.0
+    # Numerical gradient of the NumPy loss w.r.t. the student logits (teacher fixed).
+    s64, t64, h = np.asarray(s, np.float64), np.asarray(t, np.float64), 1e-6
+    num = np.zeros_like(s64)
+    for idx in np.ndindex(*s64.shape):
+        d = np.zeros_like(s64)
+        d[idx] = h
+        num[idx] = (np_ssld_loss(s64 + d, t64) - np_ssld_loss(s64 - d, t64)) / (2 * h)
+    np.testing.assert_allclose(np.asarray(gs), num, rtol=1e-4, atol=1e-6)
+    out = losses.ssld_loss(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16))
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("temp", [0.1, 0.5])
+def test_simclr_loss_matches_numpy_and_gradients_reach_both_views(temp):
+    rng = np.random.default_rng(5)
+    z1, z2 = rng.normal(size=(8, 16)) * 2, rng.normal(size=(8, 16)) * 2
+    got = losses.simclr_loss(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), temp)
+    np.testing.assert_allclose(float(got), np_simclr_loss(z1, z2, temp), rtol=1e-5, atol=1e-6)
+    g1, g2 = jax.grad(losses.simclr_loss, argnums=(0, 1))(
+        jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32), temp)
+    assert float(jnp.abs(g1).sum()) > 0
+    assert float(jnp.abs(g2).sum()) > 0  # both views are the same trained network
+    # A perfectly aligned, well separated batch has a lower loss than a random one.
+    eye = np.eye(8, 16) * 5
+    assert float(losses.simclr_loss(eye, eye, temp)) < float(got)
+
+
+def test_byol_loss_matches_numpy_and_stops_target_gradient():
+    rng = np.random.default_rng(6)
+    p, z = rng.normal(size=(8, 16)), rng.normal(size=(8, 16))
+    got = losses.byol_loss(jnp.asarray(p, jnp.float32), jnp.asarray(z, jnp.float32))
+    np.testing.assert_allclose(float(got), np_byol_loss(p, z), rtol=1e-5, atol=1e-6)
+    gp, gz = jax.grad(losses.byol_loss, argnums=(0, 1))(jnp.asarray(p, jnp.float32),
+                                                        jnp.asarray(z, jnp.float32))
+    assert float(jnp.abs(gp).sum()) > 0 and float(jnp.abs(gz).sum()) == 0.0
+    assert float(losses.byol_loss(p, 3 * p)) == pytest.approx(0.0, abs=1e-6)

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,3 +62,24 @@ def test_bad_optimizer_names():
     with pytest.raises(ConfigError, match="valid lr decays"):
         optim.lr_schedule(base_lr=0.1, global_batch=256, steps_per_epoch=1, total_steps=1,
                           decay="linear")
+
+
+def test_lars_skips_bn_and_bias_in_trust_ratio_and_weight_decay_with_kernels_mask():
+    """SimCLR/BYOL LARS: kernels get wd + trust-ratio scaling; BN scales and biases get plain
+    momentum SGD (no wd, no adaptation)."""
+    params = {"conv": {"kernel": jnp.full((3, 3), 2.0)},
+              "bn": {"scale": jnp.full((3,), 2.0), "bias": jnp.full((3,), 2.0)}}
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
+    lr, wd = 0.1, 0.01
+    for mask in ("kernels", "all"):
+        cfg = {"name": "lars", "weight_decay": wd, "weight_decay_mask": mask, "momentum": 0.9}
+        tx = optim.make_optimizer(cfg, lambda step: lr)
+        upd, _ = tx.update(grads, tx.init(params), params)
+        # Non-kernels: -lr * (g [+ wd * w when the wd mask is "all"]), no trust ratio.
+        g_bn = 0.5 + (wd * 2.0 if mask == "all" else 0.0)
+        np.testing.assert_allclose(np.asarray(upd["bn"]["scale"]), -lr * g_bn, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(upd["bn"]["bias"]), -lr * g_bn, rtol=1e-6)
+        # Kernel: g + wd * w, scaled by 1e-3 * ||w|| / ||g + wd w|| (eeta 1e-3).
+        g = np.full((3, 3), 0.5 + wd * 2.0)
+        trust = 1e-3 * np.linalg.norm(np.full((3, 3), 2.0)) / np.linalg.norm(g)
+        np.testing.assert_allclose(np.asarray(upd["conv"]["kernel"]), -lr * trust * g, rtol=1e-5)

@@ -359,4 +359,97 @@ def get_source(cfg: Any) -> DataSource:
         split = _cfg_get(cfg, key)
         if split is not None:
             source.check_split(split)
+    extra = _cfg_get(cfg, "extra", ())
+    if extra:
+        source = with_extra(source, _cfg_get(cfg, "train_split", "train"), extra, data_dir)
     return source
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra (unlabelled) training data mixed into one split: SSLD's ImageNet-1k + mined images.
+
+
+def interleave_order(sizes: list[int]) -> np.ndarray:
+    """Source id of each position of a deterministic, evenly spread merge of `sizes` examples.
+
+    Example k of part j sits at (k + 0.5) / n_j along the merged stream (ties: lower j first),
+    so every contiguous shard holds every part in proportion, whatever the shuffle buffer.
+    """
+    keys = np.concatenate([(np.arange(n) + 0.5) / n for n in sizes])
+    ids = np.concatenate([np.full(n, j, np.int64) for j, n in enumerate(sizes)])
+    return ids[np.argsort(keys, kind="stable")]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedSource(DataSource):
+    """`base` with extra sources mixed into the *training* stream of one split.
+
+    The training view of `split` (`drop_remainder=True`: what `pipeline.train_dataset` and
+    `steps_per_epoch` read) is the interleave of the split and every extra part; extra examples
+    carry label -1 (unlabelled; their own label space is never used). The evaluation view
+    (`drop_remainder=False`: every example once, as `eval_dataset` reads) and `num_examples` stay
+    those of the labelled split alone, so kNN / linear evaluation never sees the extras.
+    """
+
+    split: str = ""
+    parts: tuple = ()  # ((DataSource, split), ...), the labelled split first
+    order: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def _mixed(self, split: str, drop_remainder: bool) -> bool:
+        return drop_remainder and split == self.split
+
+    def shard_size(self, split, process_index=0, process_count=1, drop_remainder=True) -> int:
+        if not self._mixed(split, drop_remainder):
+            return super().shard_size(split, process_index, process_count, drop_remainder)
+        start, end = shard_bounds(len(self.order), process_index, process_count, True)
+        return end - start
+
+    def dataset(self, split, process_index=0, process_count=1, *, drop_remainder=True,
+                decode=True) -> tf.data.Dataset:
+        if not self._mixed(split, drop_remainder):
+            return super().dataset(split, process_index, process_count,
+                                   drop_remainder=drop_remainder, decode=decode)
+        start, end = shard_bounds(len(self.order), process_index, process_count, True)
+        choice = self.order[start:end]
+        streams = []
+        for j, (src, part_split) in enumerate(self.parts):
+            lo = int(np.count_nonzero(self.order[:start] == j))
+            hi = lo + int(np.count_nonzero(choice == j))
+            ds = src._read(part_split, lo, hi, False)
+            if j:
+                ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.constant(-1, tf.int64)})
+            streams.append(ds)
+        ds = tf.data.Dataset.choose_from_datasets(
+            streams, tf.data.Dataset.from_tensor_slices(choice), stop_on_empty_dataset=False
+        ).with_options(_deterministic_options())
+        if decode:
+            ds = ds.map(lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]},
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds
+
+
+def with_extra(base: DataSource, split: str, extra: Any, data_dir: str | None) -> DataSource:
+    """`base` whose training stream of `split` also yields every `extra` source's examples.
+
+    `extra` is a sequence of `{"name": ..., "split": "train", "data_dir": optional}` (any name
+    `get_source` takes). Deterministic: the merged order is fixed, so the pipeline's stream stays
+    a pure function of (seed, step).
+    """
+    parts = [(base, split)]
+    for i, spec in enumerate(extra):
+        name = _cfg_get(spec, "name")
+        if not name:
+            raise ConfigError(f"data.extra[{i}] needs a 'name' (a dataset like data.name)")
+        src = get_source({"name": name, "data_dir": _cfg_get(spec, "data_dir", data_dir)})
+        part_split = _cfg_get(spec, "split", "train")
+        src.check_split(part_split)
+        parts.append((src, part_split))
+    order = interleave_order([s.num_examples(sp) for s, sp in parts])
+
+    def decode(image: tf.Tensor) -> tf.Tensor:
+        # The parts may differ in format and channels; PNG/JPEG bytes all decode to RGB here.
+        return tf.io.decode_image(image, channels=3, expand_animations=False)
+
+    return MixedSource(name=f"{base.name}+extra", num_classes=base.num_classes,
+                       splits=base.splits, _read=base._read, _decode=decode, split=split,
+                       parts=tuple(parts), order=order)

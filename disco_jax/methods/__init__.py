@@ -38,7 +38,7 @@ from typing import Any
 
 from disco_jax import models
 from disco_jax.errors import unknown_name
-from disco_jax.methods import disco, kd, mcl, moco, seed
+from disco_jax.methods import byol, disco, kd, mcl, moco, seed, simclr, ssld, supervised
 
 METHODS: dict[str, types.ModuleType] = {
     "moco_v2": moco,
@@ -46,6 +46,10 @@ METHODS: dict[str, types.ModuleType] = {
     "disco": disco,
     "kd": kd,
     "mcl": mcl,
+    "ssld": ssld,
+    "supervised": supervised,
+    "simclr": simclr,
+    "byol": byol,
 }
 
 ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")

@@ -1,0 +1,109 @@
+"""SSLD (Cui et al. 2021; PaddleClas `JSDivLoss` / `DMLLoss`): a classifier student matches a
+frozen supervised classifier teacher's class distribution with half the symmetric KL.
+
+The same augmented view goes to both networks; no labels, no projection head, temperature 1.
+Teacher BN: `loss.teacher_bn="train"` (default, the PaddleClas docs: batch statistics, its
+running statistics never updated; 76.00 vs 75.84 for MobV3-L) or "eval". `loss.eps` is the
+epsilon inside the logs (1e-12 current code, 0 the 2020 code). Unlabelled data comes in through
+`data.extra` (mixed into the training stream, labels ignored anyway).
+
+`student.init` (optional, an encoder directory of the same architecture) starts the student
+from a trained encoder: the second SSLD stage fine-tunes the distilled student on ImageNet-1k
+only at ~1/100 of the lr. `supervised` shares this hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from disco_jax import checkpoint, losses
+from disco_jax.errors import ConfigError
+from disco_jax.methods.common import frozen_forward, student_forward
+
+NEEDS_TEACHER = True
+TEACHER_BN = ("train", "eval")
+
+
+def views(config: Any) -> int:
+    return 1
+
+
+def _num_classes(net: Any) -> int:
+    return int(net.get("num_classes", 0) or 0)
+
+
+def validate_student_init(config: Any) -> None:
+    """`student.init`, when set, must be an encoder dir of the student's own architecture."""
+    path = config.student.get("init", "")
+    if not path:
+        return
+    manifest = checkpoint.read_manifest(path)
+    for key in ("model", "num_classes"):
+        want, got = config.student.get(key), manifest.get(key, 0 if key == "num_classes" else None)
+        if want != got:
+            raise ConfigError(
+                f"student.init {manifest['path']!r} holds {key}={got!r} but student.{key} is"
+                f" {want!r}; point student.init at an encoder of the same architecture"
+            )
+
+
+def validate(config: Any) -> None:
+    cfg = config.loss
+    if _num_classes(config.student) <= 0 or _num_classes(config.teacher) <= 0:
+        raise ConfigError("ssld needs classifiers: set student.num_classes and "
+                          "teacher.num_classes > 0 (the teacher's classes)")
+    if _num_classes(config.student) != _num_classes(config.teacher):
+        raise ConfigError(f"ssld: student.num_classes ({config.student.num_classes}) must equal "
+                          f"teacher.num_classes ({config.teacher.num_classes})")
+    if cfg.get("teacher_bn", "train") not in TEACHER_BN:
+        raise ConfigError(f"loss.teacher_bn must be one of {TEACHER_BN}, got "
+                          f"{cfg.get('teacher_bn')!r}")
+    if not cfg.get("temperature", 1.0) > 0:
+        raise ConfigError(f"loss.temperature must be positive, got {cfg.get('temperature')}")
+    if not cfg.get("eps", 1e-12) >= 0:
+        raise ConfigError(f"loss.eps must be >= 0, got {cfg.get('eps')}")
+    if config.teacher.get("init"):
+        manifest = checkpoint.read_manifest(config.teacher.init)
+        if int(manifest.get("num_classes", 0) or 0) != _num_classes(config.student):
+            raise ConfigError(
+                f"ssld teacher {manifest['path']!r} has num_classes="
+                f"{manifest.get('num_classes', 0)}, need a classifier with "
+                f"{config.student.num_classes} classes (train one with method 'supervised')"
+            )
+    validate_student_init(config)
+
+
+def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> dict:
+    """With `student.init`: the loaded encoder replaces the fresh params / BN statistics."""
+    path = config.student.get("init", "")
+    if not path:
+        return {}
+    variables, _ = checkpoint.load_encoder(path)
+    loaded = {k: variables[k] for k in ("params", "batch_stats")}
+    want = jax.tree_util.tree_map(lambda x: tuple(x.shape), student_vars)
+    got = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), loaded)
+    if want != got:
+        raise ConfigError(f"student.init {path!r}: its variables do not match the student's "
+                          "(different width or options?)")
+    return jax.tree_util.tree_map(lambda x, ref: np.asarray(x, ref.dtype), loaded, student_vars)
+
+
+def loss_fn(params, state, batch, rng, teacher_vars, ctx):
+    cfg = ctx["config"].loss
+    rng_aug, rng_drop, rng_t = jax.random.split(rng, 3)
+    images = ctx["augment"](rng_aug, batch["image"])
+    if cfg.get("teacher_bn", "train") == "train":
+        # Batch statistics, its running statistics left as they are (the update is dropped).
+        t_out, _ = ctx["teacher"].apply(teacher_vars, images, train=True,
+                                        mutable=["batch_stats"], rngs={"dropout": rng_t})
+        t_logits = jax.lax.stop_gradient(t_out["logits"])
+    else:
+        t_logits = frozen_forward(ctx["teacher"], teacher_vars, images)["logits"]
+    s, batch_stats = student_forward(params, state, images, ctx, rng=rng_drop)
+    loss = losses.ssld_loss(s["logits"], t_logits, cfg.get("temperature", 1.0),
+                            cfg.get("eps", 1e-12))
+    agree = (s["logits"].argmax(-1) == t_logits.argmax(-1)).mean()
+    return loss, ({"teacher_agreement": 100.0 * agree}, {"batch_stats": batch_stats})

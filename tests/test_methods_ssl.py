@@ -1,0 +1,175 @@
+"""SSLD (+ supervised teacher), SimCLR and BYOL on the one trainer: smoke configs end to end,
+8 devices == 1 device, the `data.extra` mixture and `student.init`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from disco_jax import checkpoint, data, main, train
+from disco_jax.errors import ConfigError
+from disco_jax.methods import ssld
+from tests.helpers import load_config, read_metrics
+
+
+def final_state(workdir):
+    mngr = checkpoint.manager(workdir, keep=5, every_steps=1)
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    mngr.close()
+    return jax.tree_util.tree_map(np.asarray, dict(restored["state"]))
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def assert_same_run(a: str, b: str):
+    """Two runs of one config on 8 and 1 devices: same losses and parameters (see test_train
+    for why parameters agree to ~1e-5 relative, not bitwise)."""
+    la = [r["loss"] for r in read_metrics(a)]
+    lb = [r["loss"] for r in read_metrics(b)]
+    assert len(la) >= 2
+    np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+    sa, sb = final_state(a), final_state(b)
+    for key in ("params", "batch_stats"):
+        x, y = flat(sa[key]), flat(sb[key])
+        rel = np.linalg.norm(x - y) / np.linalg.norm(y)
+        assert rel < 5e-5, f"{key}: relative L2 difference {rel:.2e}"
+
+
+@pytest.fixture(scope="module")
+def ssld_run(tmp_path_factory, data_dir):
+    """configs/ssld_mbv3.py:smoke through main.run_stages: supervised teacher, SSLD on
+    digits + an extra source, SSLD fine-tune from the distilled encoder."""
+    cfg = load_config("ssld_mbv3.py:smoke", data_dir)
+    workdir = str(tmp_path_factory.mktemp("ssld"))
+    summary = main.run_stages(cfg, workdir)
+    return cfg, workdir, summary
+
+
+def test_ssld_smoke_stages_run_end_to_end_and_finetune_starts_from_distilled(ssld_run):
+    cfg, workdir, summary = ssld_run
+    assert 0 <= summary["stages"]["finetune"]["linear_top1"] <= 100
+    assert os.path.exists(os.path.join(workdir, "results.md"))
+    for name in ("teacher", "distill", "finetune"):
+        assert summary["stages"][name]["step"] == 3
+        assert np.isfinite([r["loss"] for r in read_metrics(os.path.join(workdir, name))]).all()
+    teacher = json.load(open(os.path.join(workdir, "teacher", "encoder", "manifest.json")))
+    assert teacher["num_classes"] == 10 and teacher["method"] == "supervised"
+    # The SSLD loss starts positive (student != teacher) and the agreement metric is logged.
+    first = read_metrics(os.path.join(workdir, "distill"))[0]
+    assert first["loss"] > 0 and 0 <= first["teacher_agreement"] <= 100
+    # Fine-tune: 3 steps at lr ~6e-5 from the distilled encoder stay next to it; a fresh
+    # initialisation would be O(1) away.
+    distilled, _ = checkpoint.load_encoder(os.path.join(workdir, "distill", "encoder"))
+    tuned, _ = checkpoint.load_encoder(os.path.join(workdir, "finetune", "encoder"))
+    diff = np.abs(flat(distilled["params"]) - flat(tuned["params"]))
+    assert 0 < diff.max() < 1e-2
+
+
+def test_ssld_8_devices_equal_1_device(ssld_run, tmp_path):
+    cfg, workdir, _ = ssld_run
+    stage = cfg.stages["distill"].copy_and_resolve_references()
+    stage.teacher.init = os.path.join(workdir, "teacher", "encoder")
+    stage.eval.enabled = False
+    stage.mesh.num_devices = 1
+    train.run(stage, str(tmp_path / "one"))
+    assert_same_run(os.path.join(workdir, "distill"), str(tmp_path / "one"))
+
+
+def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
+    cfg, workdir, _ = ssld_run
+    stage = cfg.stages["finetune"].copy_and_resolve_references()
+    enc = os.path.join(workdir, "distill", "encoder")
+    stage.student.init = enc
+    variables, _ = checkpoint.load_encoder(enc)
+    zeros = jax.tree_util.tree_map(np.zeros_like, {k: variables[k]
+                                                   for k in ("params", "batch_stats")})
+    got = ssld.init_extra(stage, None, zeros, {})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got["params"], variables["params"])
+    bad = jax.tree_util.tree_map(lambda x: np.zeros((*x.shape, 1)), zeros)
+    with pytest.raises(ConfigError, match="do not match"):
+        ssld.init_extra(stage, None, bad, {})
+    stage.student.model = "mobilenet_v3_large"
+    with pytest.raises(ConfigError, match="student.init"):
+        ssld.validate(stage)
+
+
+def test_ssld_validate_rejects_non_classifiers_and_bad_options(ssld_run):
+    cfg, workdir, _ = ssld_run
+    stage = cfg.stages["distill"].copy_and_resolve_references()
+    stage.teacher.init = os.path.join(workdir, "teacher", "encoder")
+    ssld.validate(stage)
+    for key, value, match in [("teacher_bn", "frozen", "teacher_bn"),
+                              ("temperature", 0.0, "temperature"), ("eps", -1.0, "eps")]:
+        old = stage.loss[key]
+        stage.loss[key] = value
+        with pytest.raises(ConfigError, match=match):
+            ssld.validate(stage)
+        stage.loss[key] = old
+    stage.student.num_classes = 0
+    with pytest.raises(ConfigError, match="classifiers"):
+        ssld.validate(stage)
+
+
+@pytest.mark.parametrize("name", ["simclr_r50.py", "byol_r50.py"])
+def test_ssl_smoke_config_runs_and_8_devices_equal_1_device(name, tmp_path, data_dir):
+    runs = {}
+    for tag, n in [("eight", 8), ("one", 1)]:
+        cfg = load_config(f"{name}:smoke", data_dir)
+        cfg.total_steps = 3
+        cfg.checkpoint_every_steps = 3
+        cfg.log_every_steps = 1
+        cfg.mesh.num_devices = n
+        cfg.eval.enabled = n == 8  # the full evaluation once
+        runs[tag] = train.run(cfg, str(tmp_path / tag))
+    assert 0 <= runs["eight"]["knn_top1"] <= 100 and 0 <= runs["eight"]["linear_top1"] <= 100
+    assert_same_run(str(tmp_path / "eight"), str(tmp_path / "one"))
+    # The exported encoder is the online backbone + projector (BYOL's predictor left out).
+    variables, manifest = checkpoint.load_encoder(str(tmp_path / "eight" / "encoder"))
+    assert set(variables["params"]) == {"backbone", "head"}
+    assert manifest["method"] == cfg.method
+    if cfg.method == "byol":
+        state = final_state(str(tmp_path / "eight"))
+        assert set(state["params"]) == {"encoder", "predictor"}
+        # The target lags the online encoder, with BYOL's cosine tau schedule (K = 3 steps).
+        assert np.abs(flat(state["ema"]["params"]) - flat(state["params"]["encoder"])).max() > 0
+        taus = [r["tau"] for r in read_metrics(str(tmp_path / "eight"))]
+        want = [1 - 0.004 * (np.cos(np.pi * k / 3) + 1) / 2 for k in range(3)]
+        np.testing.assert_allclose(taus, want, rtol=1e-6)
+
+
+def test_data_extra_mixes_unlabelled_examples_into_the_training_stream_only(data_dir):
+    extra = ({"name": "digits", "split": "test"},)
+    src = data.get_source({"name": "digits", "data_dir": data_dir, "train_split": "train",
+                           "extra": extra})
+    plain = data.get_source({"name": "digits", "data_dir": data_dir})
+    n_train, n_test = plain.num_examples("train"), plain.num_examples("test")
+    # Training view: both parts, evenly interleaved in every shard; extras labelled -1.
+    assert src.shard_size("train") == n_train + n_test
+    for p in range(2):
+        labels = np.array([e["label"] for e in src.dataset("train", p, 2).as_numpy_iterator()])
+        assert len(labels) == (n_train + n_test) // 2
+        assert abs(np.sum(labels == -1) - n_test // 2) <= 1
+        assert np.all(labels[labels >= 0] < 10)
+    # Evaluation view (every example once) and num_examples: the labelled split alone.
+    assert src.num_examples("train") == n_train
+    assert src.shard_size("train", drop_remainder=False) == n_train
+    ev = list(src.dataset("train", drop_remainder=False).as_numpy_iterator())
+    assert len(ev) == n_train and min(e["label"] for e in ev) >= 0
+    # The training stream stays a pure function of (seed, step): resume == straight run.
+    kw = dict(split="train", views=1, image_size=8, local_batch=16, seed=3)
+    straight = list(data.train_dataset(src, **kw).take(5).as_numpy_iterator())
+    resumed = list(data.train_dataset(src, start_step=3, **kw).take(2).as_numpy_iterator())
+    for a, b in zip(straight[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert data.steps_per_epoch(src, split="train", local_batch=16) == (n_train + n_test) // 16
+    with pytest.raises(ConfigError, match="name"):
+        data.get_source({"name": "digits", "data_dir": data_dir, "extra": ({"split": "x"},)})
