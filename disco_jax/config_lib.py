@@ -58,11 +58,11 @@ def base_config() -> mlc.ConfigDict:
             "crop_scale": (0.2, 1.0),
             "flip_p": 0.5,  # horizontal flip probability (host side)
             "shuffle_buffer": 50_000,
-            "bad_images": "error",
+            "bad_images": "error",  # image folders: corrupt/non-image files "error" or "skip"
             # Data shards the global batch is cut into; -1: one per process (each reads its
             # own). Fix it (e.g. to the largest host count) to keep the stream independent of
             # the number of hosts.
-            "num_shards": -1,  # image folders: corrupt/non-image files "error" or "skip"
+            "num_shards": -1,
         }
     )
     # MoCo-v2 "aug-plus"; RandomResizedCrop and flip run on the host, the rest on the device.
