@@ -47,7 +47,7 @@ def test_one_stem_copy_and_m_branches_that_recombine_into_plain_encoders(model, 
         assert {"layer1_0", "conv1"}.isdisjoint(branch)
         # stem + branch i is exactly a plain encoder's layout (names and shapes).
         assert _keys(plain_variables(shapes, i)) == _keys(plain)
-    assert _keys(plain_variables(build_cohort(net, 3).init(jax.random.key(0), X), 1)) == \
+    assert _keys(plain_variables(_shapes(build_cohort(net, 3)), 1)) == \
         _keys(plain)  # the independent cohort's accessor is the plain net_i
 
 
