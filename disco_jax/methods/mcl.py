@@ -15,6 +15,9 @@ Supervised total: sum_m CE(logits_m, y) + alpha VCL + gamma SoftVCL + beta ICL +
 [+ `logit_distill`: KL_T from the cohort's mean logits, T = kd_temp; detached by default as in
 the CIFAR code; M = 2 both nets, M > 2 the last net only].
 
+`loss.shared_stem` (M >= 3, CIFAR / torchvision ResNets; the official ``ResNet_b`` cohorts):
+one stem (conv1 + layer1 on CIFAR, conv1 ... layer2 on ImageNet ResNets) shared by M branches.
+
 BN is global-batch under jit (the official code is per-GPU DataParallel BN; shuffle-BN for the
 MoCo keys). Evaluation and export use network 0 alone (a plain encoder); the official code
 reports every network and picks the best epoch on the test set, which is not reproduced.
@@ -32,7 +35,12 @@ import optax
 from disco_jax import data, losses, queue
 from disco_jax.errors import ConfigError
 from disco_jax.methods.common import check_positive, student_forward
-from disco_jax.models.cohort import build_cohort
+from disco_jax.models.cohort import (
+    build_cohort,
+    plain_encoder,
+    plain_variables,
+    shared_stem_stages,
+)
 
 NEEDS_TEACHER = False
 FORMS = ("in_batch", "memory_bank", "moco")
@@ -57,8 +65,12 @@ def validate(config: Any) -> None:
     if not isinstance(cfg.num_nets, int) or cfg.num_nets < 2:
         raise ConfigError(f"loss.num_nets must be an integer >= 2, got {cfg.num_nets!r}")
     if cfg.get("shared_stem", False):
-        raise ConfigError("loss.shared_stem (ResNet_b trunks for M >= 3) is not implemented;"
-                          " set it to False (independent networks)")
+        if cfg.num_nets < 3:
+            raise ConfigError(f"loss.shared_stem needs loss.num_nets >= 3 (the official code"
+                              f" shares only for M >= 3), got {cfg.num_nets}; set it to False")
+        if not shared_stem_stages(config.student):
+            raise ConfigError(f"loss.shared_stem needs a CIFAR (resnet32/56/110) or torchvision"
+                              f" ResNet student, got {config.student.model!r}; set it to False")
     check_positive(config, "tau", "kd_temp")
     for name, _ in TERMS:
         if cfg[name] < 0:
@@ -90,7 +102,8 @@ def validate(config: Any) -> None:
 
 
 def build_student(config: Any, dtype: Any) -> Any:
-    return build_cohort(config.student, config.loss.num_nets, dtype)
+    return build_cohort(config.student, config.loss.num_nets, dtype,
+                        shared_stem=bool(config.loss.get("shared_stem", False)))
 
 
 # ------------------------------------------------------------------------------ train state
@@ -240,22 +253,18 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
 # ------------------------------------------------------------------------------ eval / export
 
 
-def _net0(variables: dict) -> dict:
-    return {"params": variables["params"]["net_0"],
-            "batch_stats": variables["batch_stats"]["net_0"]}
-
-
 def eval_features(ctx: dict, variables: dict, images: jax.Array) -> jax.Array:
     """Network 0's pooled backbone features (the peers are evaluated the same way by export)."""
-    encoder = ctx["student"].net[0].clone(parent=None)
-    return encoder.apply(_net0(variables), images, train=False)["features"]
+    encoder = plain_encoder(ctx["student"], 0)
+    return encoder.apply(plain_variables(variables, 0), images, train=False)["features"]
 
 
 def export(config: Any, variables: dict) -> tuple[dict, dict]:
-    """Network 0 as a plain encoder (backbone + classifier + its mcl_embed head)."""
+    """Network 0 as a plain encoder (backbone + classifier + its mcl_embed head; with a shared
+    stem, the stem merged into its backbone)."""
     from disco_jax.methods import encoder_manifest  # the registry imports this module
 
-    return _net0(variables), encoder_manifest(config.student)
+    return plain_variables(variables, 0), encoder_manifest(config.student)
 
 
 def loss_config(form: str = "in_batch", **overrides: Any) -> Any:
@@ -275,7 +284,7 @@ def loss_config(form: str = "in_batch", **overrides: Any) -> Any:
         "lam": 1.0,
         "logit_distill": False,
         "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
-        "shared_stem": False,
+        "shared_stem": False,  # M >= 3 ResNets: one shared stem (official for M >= 3)
         "per_class": 2,  # in_batch: MPerClassSampler(m=2)
         "pos_k": 1,  # memory_bank
         "neg_k": 8192,

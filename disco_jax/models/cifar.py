@@ -20,20 +20,29 @@ final ``bn1`` and classifier ``fc``. Leaf names map as in `disco_jax.models.resn
 
 Differences on purpose: ``width`` scales the channel counts (tiny test models); linear biases
 start at zero (MCL's ResNet leaves torch's uniform draw); the WRN dropout (0 in MCL) is omitted.
-MCL's shared-trunk ``*_b`` variants (several branches on one stem) are not built here.
+MCL's shared-trunk ``*_b`` variants (several branches on one stem) are built from the plain net's
+``part`` argument by `disco_jax.models.cohort.SharedStemCohort`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from disco_jax.models import layers
-from disco_jax.models.resnet import LINEAR_INIT, BasicBlock, Bottleneck, _bn, _conv
+from disco_jax.models.resnet import (
+    LINEAR_INIT,
+    BasicBlock,
+    Bottleneck,
+    _bn,
+    _conv,
+    check_part,
+    in_part,
+)
 
 Dtype = Any
 
@@ -53,16 +62,28 @@ class CifarResNet(nn.Module):
     width: float = 1.0
     dtype: Dtype = jnp.float32
 
+    # MCL's ``resnet*_b`` cohorts (M >= 3) share conv1 + layer1 (methods.md §4.1).
+    SHARED_STEM_STAGES: ClassVar[int] = 1
+
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False,
+                 part: str = "all") -> Any:
+        """``part``: "all", "stem" (conv1 + layer1, the feature map) or "branch" (the rest), as
+        in `disco_jax.models.resnet.ResNet`: the names are the plain model's in every part."""
+        check_part(part)
         base = max(1, round(16 * self.width))
-        x = _conv(base, 3, 1, self.dtype, "conv1")(x)
-        x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+        if part != "branch":
+            x = _conv(base, 3, 1, self.dtype, "conv1")(x)
+            x = nn.relu(_bn(train, self.dtype, "bn1")(x))
         for i, num_blocks in enumerate(self.stage_sizes):
+            if not in_part(i, part, self.SHARED_STEM_STAGES):
+                continue
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 block = self.block(base * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")
                 x = block(x, train)
+        if part == "stem":
+            return x
         x = jnp.mean(x, axis=(1, 2))
         classify = _dense(self.num_classes, self.dtype, "classifier")
         return layers.classifier_output(x, features, self.num_classes, classify)

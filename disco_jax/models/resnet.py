@@ -63,6 +63,19 @@ def _shortcut(x: jnp.ndarray, out: int, stride: int, train: bool, dtype: Dtype) 
     return _bn(train, dtype, "downsample_1")(x)
 
 
+PARTS = ("all", "stem", "branch")
+
+
+def check_part(part: str) -> None:
+    if part not in PARTS:
+        raise unknown_name("part", part, PARTS)
+
+
+def in_part(stage: int, part: str, stem_stages: int) -> bool:
+    """Whether stage `stage` (0-based) runs in `part` of a network split after `stem_stages`."""
+    return part == "all" or (stage < stem_stages) == (part == "stem")
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a residual connection (ResNet-18/34)."""
 
@@ -124,12 +137,23 @@ class ResNet(nn.Module):
     # part of the architecture's name, so the registry fixes it rather than exposing it).
     widen: int = 1
 
+    # MCL's shared-trunk ImageNet cohorts (M >= 3) share conv1 ... layer2 (methods.md §4.1).
+    SHARED_STEM_STAGES: ClassVar[int] = 2
+
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False,
+                 part: str = "all") -> Any:
+        """``part``: "all" (the plain model), "stem" (conv1 ... layer{SHARED_STEM_STAGES}; returns
+        the feature map) or "branch" (the remaining stages + classifier on a stem feature map).
+        The sub-module names are the same in every part, so stem + branch params = plain params.
+        """
         if self.stem not in STEMS:
             raise unknown_name("stem", self.stem, STEMS)
+        check_part(part)
         base = max(1, round(64 * self.width * self.widen))
-        if self.stem == "imagenet":
+        if part == "branch":
+            pass
+        elif self.stem == "imagenet":
             x = _conv(base, 7, 2, self.dtype, "conv1")(x)
             x = nn.relu(_bn(train, self.dtype, "bn1")(x))
             # torch pads the max-pool with -inf, which is what Flax's max_pool does too.
@@ -139,11 +163,15 @@ class ResNet(nn.Module):
             x = nn.relu(_bn(train, self.dtype, "bn1")(x))
 
         for i, num_blocks in enumerate(self.stage_sizes):
+            if not in_part(i, part, self.SHARED_STEM_STAGES):
+                continue
             planes = base * 2**i
             for j in range(num_blocks):
                 stride = 2 if i > 0 and j == 0 else 1
                 block = self.block(planes, stride, self.dtype, name=f"layer{i + 1}_{j}")
                 x = block(x, train)
+        if part == "stem":
+            return x
 
         x = jnp.mean(x, axis=(1, 2))
         fc = nn.Dense(
