@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from disco_jax import methods
+
 
 def _fmt(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, float) else str(x)
@@ -15,7 +17,7 @@ def write(workdir: str, summary: dict, config: Any) -> None:
     rows = []
     for name, res in summary["stages"].items():
         stage = config.stages[name]
-        teacher = stage.teacher.model if stage.method in ("seed",) else "-"
+        teacher = stage.teacher.model if methods.get(stage.method).NEEDS_TEACHER else "-"
         rows.append({
             "stage": name,
             "method": stage.method,
