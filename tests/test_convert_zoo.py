@@ -467,6 +467,46 @@ CASES = {
         16,
     ),
     "wrn_16_2": (lambda: WRNRef(16, 2, 7, 0.5), {"width": 0.5}, 7, 16),
+    "wrn_40_2": (lambda: WRNRef(40, 2, 7, 0.5), {"width": 0.5}, 7, 16),
+    "wrn_28_4": (lambda: WRNRef(28, 4, 7, 0.25), {"width": 0.25}, 7, 16),
+    "resnet56": (
+        lambda: ResNetRef(BasicBlock, (9, 9, 9), 7, 8, "cifar", "classifier"),
+        {"width": 0.5},
+        7,
+        16,
+    ),
+    # torchvision depths beyond the resnet18/50 of tests/test_convert.py (width 1/8).
+    "resnet34": (
+        lambda: ResNetRef(BasicBlock, (3, 4, 6, 3), 5, 8, "cifar"),
+        {"width": 0.125, "stem": "cifar"},
+        5,
+        16,
+    ),
+    "resnet101": (
+        lambda: ResNetRef(WideBottleneck, (3, 4, 23, 3), 5, 8, "cifar"),
+        {"width": 0.125, "stem": "cifar"},
+        5,
+        16,
+    ),
+    "resnet152": (
+        lambda: ResNetRef(WideBottleneck, (3, 8, 36, 3), 5, 8, "cifar"),
+        {"width": 0.125, "stem": "cifar"},
+        5,
+        16,
+    ),
+    # SwAV x4 / x5 on width 1/16: stem 16 / 20 channels.
+    "swav_resnet50w4": (
+        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 16, "imagenet"),
+        {"width": 0.0625},
+        5,
+        32,
+    ),
+    "swav_resnet50w5": (
+        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 20, "imagenet"),
+        {"width": 0.0625},
+        5,
+        32,
+    ),
 }
 
 
