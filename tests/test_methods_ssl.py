@@ -29,18 +29,18 @@ def flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
 
 
-def assert_same_run(a: str, b: str):
+def assert_same_run(a: str, b: str, rtol: float = 1e-5, param_rtol: float = 5e-5):
     """Two runs of one config on 8 and 1 devices: same losses and parameters (see test_train
     for why parameters agree to ~1e-5 relative, not bitwise)."""
     la = [r["loss"] for r in read_metrics(a)]
     lb = [r["loss"] for r in read_metrics(b)]
     assert len(la) >= 2
-    np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(la, lb, rtol=rtol, atol=rtol)
     sa, sb = final_state(a), final_state(b)
     for key in ("params", "batch_stats"):
         x, y = flat(sa[key]), flat(sb[key])
         rel = np.linalg.norm(x - y) / np.linalg.norm(y)
-        assert rel < 5e-5, f"{key}: relative L2 difference {rel:.2e}"
+        assert rel < param_rtol, f"{key}: relative L2 difference {rel:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,21 @@ def test_ssld_8_devices_equal_1_device(ssld_run, tmp_path):
     stage.mesh.num_devices = 1
     train.run(stage, str(tmp_path / "one"))
     assert_same_run(os.path.join(workdir, "distill"), str(tmp_path / "one"))
+
+
+def test_supervised_8_devices_equal_1_device(ssld_run, tmp_path):
+    # The smoke config's first stage (the SSLD teacher) is the `supervised` method.
+    cfg, workdir, _ = ssld_run
+    stage = cfg.stages["teacher"].copy_and_resolve_references()
+    assert stage.method == "supervised"
+    stage.eval.enabled = False
+    stage.mesh.num_devices = 1
+    train.run(stage, str(tmp_path / "one"))
+    # Step 1 agrees to 1e-7; lr 0.1 on 16 images grows the float32 reduction-order noise to
+    # ~1.5e-5 relative in the loss and 2e-4 relative L2 in the parameters by step 4 (measured);
+    # a sharding bug (per-device BN, unaveraged gradients) moves them by percents.
+    assert_same_run(os.path.join(workdir, "teacher"), str(tmp_path / "one"), rtol=1e-4,
+                    param_rtol=1e-3)
 
 
 def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
