@@ -33,7 +33,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     " processes or the flags above are given; off: single process.")
 _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300,
-    "Seconds to wait for every process to arrive, and heartbeat timeout after a peer dies.")
+    "Seconds to wait for every process to arrive, and for a silent peer mid-run before it is"
+    " declared lost (a killed peer is noticed at once).")
 
 
 class _QuietLibraries(logging.Filter):
@@ -76,9 +77,9 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         sys.exit("error: both --config and --workdir are required")
-    try:
-        from disco_jax import distributed
+    from disco_jax import distributed
 
+    try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                timeout_s=_DIST_TIMEOUT.value, mode=_DISTRIBUTED.value)
         from disco_jax import train
@@ -90,15 +91,24 @@ def main(argv: list[str]) -> None:
                 print(json.dumps({"wall_seconds": results["wall_seconds"]}))
         else:
             results = train.run(config, workdir)
+        distributed.finish(ok=True)  # peers must not take this exit for a death
         if results.get("preempted"):
             print(f"preempted: saved step {results['step']} in {workdir}; run the same"
                   " command again to resume", file=sys.stderr)
     except ConfigError as e:
+        distributed.finish(ok=False)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
+        distributed.finish(ok=False)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:
+        distributed.finish(ok=False)
+        raise
+    except BaseException:
+        distributed.explain_failure()  # a lost peer process is named here (and exits)
+        raise
 
 
 if __name__ == "__main__":

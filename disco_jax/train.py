@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 
-from disco_jax import checkpoint, data, methods, models, optim, resilience, sharding
+from disco_jax import checkpoint, data, distributed, methods, models, optim, resilience, sharding
 from disco_jax import eval as evaluation
 from disco_jax.errors import ConfigError
 
@@ -393,6 +393,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         for step in range(start_step + 1, end_step + 1):
             batch = next(batches)
             state, metrics = step_fn(state, batch, teacher_vars)
+            distributed.note_step(step)  # named in the message if a peer process dies
             guard.add(step, metrics)
             if signal_at and step == int(signal_step):
                 os.kill(os.getpid(), int(signal_num))

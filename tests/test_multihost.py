@@ -113,3 +113,30 @@ def test_a_process_that_never_arrives_is_named(tmp_path, data_dir, present):
     assert time.time() - t0 < 60  # bounded: the timeout plus start-up, never a hang
     assert not (tmp_path / "w").exists()
 
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_process_that_dies_mid_run_is_named(tmp_path, data_dir, teacher, victim):
+    """SIGKILL one process after its step 3: the other names it and exits 4, within seconds.
+
+    Killing process 0 also takes jax's coordination service down with it; the survivor must
+    still name process 0 rather than hang or die with jax's generic fatal message.
+    """
+    overrides = {"data.num_shards": 2, "mesh.num_devices": -1, "total_steps": 400,
+                 "checkpoint_every_steps": 1000, "log_every_steps": 1000}
+    cfg_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teacher, **overrides)
+    port = free_port_pair()
+    kill = {"DISCO_JAX_TEST_SIGNAL_AT_STEP": "3:9"}
+    procs = [start(cfg_file, str(tmp_path / "w"), port, i, "--distributed_timeout=300",
+                   env=kill if i == victim else None) for i in (0, 1)]
+    dead, survivor = procs[victim], procs[1 - victim]
+    dead.communicate(timeout=540)
+    assert dead.returncode == -9
+    t_death = time.time()
+    _, err = survivor.communicate(timeout=240)
+    waited = time.time() - t_death
+    assert survivor.returncode == 4, err[-3000:]
+    assert f"error: process {victim} of 2 exited or was killed" in err, err[-3000:]
+    assert "start all 2 processes again with the same command to resume" in err
+    # Bounded well below the 300 s heartbeat timeout: the closed connection is seen at once.
+    assert waited < 60, waited
