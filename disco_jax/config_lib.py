@@ -16,16 +16,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
     out = mlc.ConfigDict(dict(defaults))
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
+        if key not in defaults:  # a misspelt variant must not silently run the full recipe
+            valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; this config takes:"
+                             f" {valid}")
         if not value:
             out[key] = True
             continue
-        default = defaults.get(key)
+        default = defaults[key]
         if isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif default is not None:
-            out[key] = type(default)(value)
         else:
-            out[key] = value
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                kind = {int: "an integer", float: "a number"}.get(type(default), "valid")
+                raise ValueError(f"config argument {key}={value!r} is not {kind}") from None
     return out
 
 
