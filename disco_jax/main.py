@@ -77,11 +77,15 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         sys.exit("error: both --config and --workdir are required")
+    import jax
+
     from disco_jax import distributed
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                timeout_s=_DIST_TIMEOUT.value, mode=_DISTRIBUTED.value)
+        if jax.process_index() > 0:  # one progress log per run: process 0's
+            absl_logging.set_verbosity(absl_logging.WARNING)
         from disco_jax import train
 
         if "stages" in config:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # N processes on this machine (e.g. one per GPU group, or CPU processes to try multi-host code):
-#   NPROC=2 DEVICES_PER_PROC=2 bash launch/local_multiprocess.sh configs/seed_mbv3.py:smoke /tmp/mp
+#   NPROC=2 DEVICES_PER_PROC=2 bash launch/local_multiprocess.sh configs/moco_v2_r50.py:smoke /tmp/mp
 # Each process gets --coordinator_address/--num_processes/--process_id; on CPU the collectives
 # go through gloo. Each process reads its own data shard; process 0 writes logs and metrics.
 set -euo pipefail
