@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -60,18 +61,29 @@ def teacher(tmp_path_factory, data_dir):
 
 
 def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
+    """Also across a preemption of one process, so the resumed 2-process run is compared."""
     overrides = {"data.num_shards": 2, "mesh.num_devices": -1}
     cfg_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teacher, **overrides)
     multi = str(tmp_path / "multi")
+    # A preemption notice that reaches only process 1 (after its step 3): the processes agree
+    # at the next log step (4), both save and exit 0, and a restart of both finishes the run.
+    preempt = {"DISCO_JAX_TEST_SIGNAL_AT_STEP": f"3:{int(signal.SIGTERM)}"}
     port = free_port_pair()
-    procs = [start(cfg_file, multi, port, i, "--distributed_timeout=120") for i in (0, 1)]
+    procs = [start(cfg_file, multi, port, i, "--distributed_timeout=120",
+                   env=preempt if i == 1 else None) for i in (0, 1)]
     # Meanwhile, the reference in this process: 1 process x 4 devices, same global batch.
     single = str(tmp_path / "single")
     train.run(tiny_config(data_dir, teacher, **{"data.num_shards": 2}), single)
     outs = [p.communicate(timeout=540) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
+        assert "preempted: saved step 4" in err, err[-3000:]
     assert "process 1 of 2" in outs[1][1]
+    procs = [start(cfg_file, multi, free_port_pair(), i, "--distributed_timeout=120")
+             for i in (0, 1)]
+    outs = [p.communicate(timeout=540) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
     # Process 0 alone writes metrics and results; both wrote the checkpoint (orbax).
     la = [(r["step"], r["loss"]) for r in read_metrics(single)]
     lb = [(r["step"], r["loss"]) for r in read_metrics(multi)]
