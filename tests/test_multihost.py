@@ -79,8 +79,8 @@ def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
         assert p.returncode == 0, err[-3000:]
         assert "preempted: saved step 4" in err, err[-3000:]
     assert "process 1 of 2" in outs[1][1]
-    procs = [start(cfg_file, multi, free_port_pair(), i, "--distributed_timeout=120")
-             for i in (0, 1)]
+    port = free_port_pair()
+    procs = [start(cfg_file, multi, port, i, "--distributed_timeout=120") for i in (0, 1)]
     outs = [p.communicate(timeout=540) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
