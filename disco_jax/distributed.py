@@ -266,24 +266,16 @@ class PeerWatch:
 
     def start(self) -> PeerWatch:
         for conn in self.conns.values():
-            conn.setblocking(False)
+            conn.settimeout(1.0)  # reads only follow select(); a send to a stuck peer gives up
         self.thread.start()
         return self
 
     def _send_all(self, line: str) -> None:
-        for k, conn in list(self.conns.items()):
-            if k in self.closed:
-                continue
-            try:
-                conn.setblocking(True)
-                conn.settimeout(1.0)
-                conn.sendall(line.encode())
-            except OSError:
-                pass
-            finally:
+        for k, conn in self.conns.items():
+            if k not in self.closed:
                 try:
-                    conn.setblocking(False)
-                except OSError:
+                    conn.sendall(line.encode())
+                except OSError:  # a dead peer: its end of stream is what names it
                     pass
 
     def _run(self) -> None:
@@ -315,9 +307,9 @@ class PeerWatch:
     def _read(self, peer: int, conn: socket.socket) -> None:
         try:
             data = conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        except TimeoutError:
             return
-        except OSError:
+        except OSError:  # reset by the peer
             data = b""
         if not data:
             if not self.stopping.is_set():

@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         distributed.finish(ok=False)
         raise
-    except BaseException:
+    except Exception:
         distributed.explain_failure()  # a lost peer process is named here (and exits)
         raise
 
