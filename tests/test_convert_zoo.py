@@ -3,9 +3,11 @@
 torchvision and timm are not installed, so the torch reference networks below are written from
 their sources with their exact parameter names: torchvision EfficientNet, timm EfficientNet and
 MobileNetV3 (DepthwiseSeparableConv / InvertedResidual / SqueezeExcite blocks), SEED's own
-MobileNetV3, torchvision's wide ResNet and SwAV's widened ResNet, and MCL's CIFAR ResNets and
-WRNs. Small widths and 16-32 px inputs keep every compile short; the architecture (block types,
-depths, names, activations, SE placement) is the real one. Random weights and BN statistics,
+MobileNetV3 and EfficientNet (lukemelas/EfficientNet-PyTorch with TF 'SAME' padding, head
+'fc'; efficientnet_pytorch is not installed either), torchvision's wide ResNet and SwAV's
+widened ResNet, and MCL's CIFAR ResNets and WRNs. Small widths and 16-48 px inputs keep every
+compile short; the architecture (block types, depths, names, activations, SE placement) is the
+real one. Random weights and BN statistics,
 eval mode, features and logits within 1e-4; then export -> strict load -> re-import exactly.
 """
 
@@ -19,7 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from disco_jax import convert, models
+from disco_jax import checkpoint, convert, models
+from disco_jax.errors import ConfigError
 from disco_jax.models import mobilenetv3
 from disco_jax.models.mobilenetv3 import make_divisible
 from tests.test_convert import (
@@ -409,6 +412,102 @@ class SeedMobileNetV3Ref(nn.Module):
         return self.fc(self.pooled_features(x))
 
 
+# ---------------------------------------------------------------- SEED's (lukemelas') EfficientNet
+
+
+def _round_filters(filters: int, width: float) -> int:
+    """lukemelas' ``round_filters`` (depth_divisor 8, min_depth None)."""
+    filters *= width
+    new = max(8, int(filters + 8 / 2) // 8 * 8)
+    return int(new + 8 if new < 0.9 * filters else new)
+
+
+def _shrink(size, stride):  # lukemelas' calculate_output_image_size
+    return None if size is None else int(math.ceil(size / stride))
+
+
+class SamePadConv2d(nn.Conv2d):
+    """lukemelas' Conv2dStaticSamePadding (``image_size`` given: the pads are computed once for
+    that size) or Conv2dDynamicSamePadding (None: computed from each input)."""
+
+    def __init__(self, inp, out, k, stride=1, groups=1, bias=False, image_size=None):
+        super().__init__(inp, out, k, stride, 0, groups=groups, bias=bias)
+        self.image_size = image_size
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:] if self.image_size is None else (self.image_size,) * 2
+        (kh, kw), (sh, sw) = self.weight.shape[-2:], self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+def _luke_bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, momentum=0.01, eps=1e-3)
+
+
+class LukeMBConv(nn.Module):
+    """lukemelas' MBConvBlock (se_ratio 0.25, id_skip), children in its registration order."""
+
+    def __init__(self, expand, k, stride, inp, out, image_size):
+        super().__init__()
+        mid = inp * expand
+        self.expand = expand
+        if expand != 1:
+            self._expand_conv = SamePadConv2d(inp, mid, 1, image_size=image_size)
+            self._bn0 = _luke_bn(mid)
+        self._depthwise_conv = SamePadConv2d(mid, mid, k, stride, mid, image_size=image_size)
+        self._bn1 = _luke_bn(mid)
+        sq = max(1, int(inp * 0.25))
+        self._se_reduce = SamePadConv2d(mid, sq, 1, bias=True, image_size=1)
+        self._se_expand = SamePadConv2d(sq, mid, 1, bias=True, image_size=1)
+        self._project_conv = SamePadConv2d(mid, out, 1, image_size=_shrink(image_size, stride))
+        self._bn2 = _luke_bn(out)
+        self.skip = stride == 1 and inp == out
+
+    def forward(self, x):
+        silu = nn.functional.silu
+        y = silu(self._bn0(self._expand_conv(x))) if self.expand != 1 else x
+        y = silu(self._bn1(self._depthwise_conv(y)))
+        s = self._se_expand(silu(self._se_reduce(nn.functional.adaptive_avg_pool2d(y, 1))))
+        y = self._bn2(self._project_conv(torch.sigmoid(s) * y))
+        return y + x if self.skip else y
+
+
+class LukeEfficientNetRef(nn.Module):
+    """lukemelas' EfficientNet as SEED builds it (``from_name``: static padding for the
+    model's resolution) with SEED's ``fc``; ``width`` is lukemelas' width_coefficient."""
+
+    def __init__(self, depth_mult, nc, width, image_size):
+        super().__init__()
+        rf = lambda c: _round_filters(c, width)  # noqa: E731
+        self._conv_stem = SamePadConv2d(3, rf(32), 3, 2, image_size=image_size)
+        self._bn0 = _luke_bn(rf(32))
+        size, blocks = _shrink(image_size, 2), []
+        for e, k, s, i, o, n in _B0:
+            for j in range(int(math.ceil(depth_mult * n))):  # round_repeats
+                stride = s if j == 0 else 1
+                blocks.append(LukeMBConv(e, k, stride, rf(i if j == 0 else o), rf(o), size))
+                size = _shrink(size, stride)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SamePadConv2d(rf(320), rf(1280), 1, image_size=size)
+        self._bn1 = _luke_bn(rf(1280))
+        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
+        self._dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(rf(1280), nc)
+
+    def pooled_features(self, x):
+        x = nn.functional.silu(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = nn.functional.silu(self._bn1(self._conv_head(x)))
+        return self._avg_pooling(x).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self._dropout(self.pooled_features(x)))
+
+
 # ---------------------------------------------------------------- the cases
 
 # name: (torch reference builder, model kwargs, num_classes, image size)
@@ -510,18 +609,19 @@ CASES = {
 }
 
 
-def calibrate(model: nn.Module, seed: int) -> nn.Module:
+def calibrate(model: nn.Module, seed: int, size: int = 32) -> nn.Module:
     """Set every BN's running statistics to those of a random batch (then eval mode).
 
     Random statistics alone let activations shrink layer after layer in these deep nets, until
-    the output no longer depends on the input; calibrated BN keeps every layer O(1).
+    the output no longer depends on the input; calibrated BN keeps every layer O(1). ``size``:
+    the test's input size where padding makes the statistics size dependent (TF 'SAME').
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.momentum = 1.0  # running statistic := this batch's
     model.train()
     with torch.no_grad():
-        model(_image((32, 3, 32, 32), seed=100 + seed))
+        model(_image((32, 3, size, size), seed=100 + seed))
     for m in bns:
         m.momentum = 0.1
         m.num_batches_tracked.fill_(123)
@@ -551,9 +651,12 @@ def _features(tmodel, x):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_zoo_matches_torch_and_round_trips(name):
-    build, kwargs, nc, size = CASES[name]
-    seed = sorted(CASES).index(name)
-    tmodel = calibrate(randomize(build(), seed), seed)
+    source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
+    _matches_torch_and_round_trips(name, *CASES[name], sorted(CASES).index(name), source)
+
+
+def _matches_torch_and_round_trips(name, build, kwargs, nc, size, seed, source, calib_size=32):
+    tmodel = calibrate(randomize(build(), seed), seed, calib_size)
     x = _image((2, 3, size, size), seed=1)
     with torch.no_grad():
         t_feats, t_logits = _features(tmodel, x).numpy(), tmodel(x).numpy()
@@ -561,7 +664,6 @@ def test_zoo_matches_torch_and_round_trips(name):
     assert 0.1 < np.abs(t_logits).max() < 100
     assert np.abs(t_feats[0] - t_feats[1]).max() > 0.05
 
-    source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
     variables = convert.from_torch(tmodel.state_dict(), name, source, num_classes=nc, **kwargs)
     model = models.create(name, num_classes=nc, **kwargs)
     feats, logits = _flax_outputs(model, variables, _nhwc(x))
@@ -579,6 +681,101 @@ def test_zoo_matches_torch_and_round_trips(name):
             assert torch.equal(exported[key], value), key
     tmodel.load_state_dict(exported, strict=True)
     _assert_trees_equal(convert.from_torch(exported, name, source, **kwargs), variables)
+
+
+# SEED's EfficientNets, apart from CASES so that the seeds of the cases above stay as they were.
+# (model, torch reference, kwargs, classes, input size, seed). The input sizes make the static
+# padding matter: B0's pads are fixed for 224 px and B1's for 240 px (what SEED builds), and at
+# 48 px B0's last stride-2 conv sees a 3 px map (padded (1, 2) as at 14 px, where TF 'SAME' pads
+# (2, 2)); at 32 px B1's sees 2 px (padded (2, 2) as at 15 px, TF 'SAME' (1, 2)). Dynamic
+# padding (image_size=None) at 34 px pads the stem (0, 1) and the later odd maps (1, 1) / (2, 2).
+SEED_EFFICIENTNET_CASES = {
+    "b0": ("seed_efficientnet_b0", lambda: LukeEfficientNetRef(1.0, 5, 0.25, 224), {}, 48, 40),
+    "b1": ("seed_efficientnet_b1", lambda: LukeEfficientNetRef(1.1, 5, 0.25, 240), {}, 32, 41),
+    "b0-dynamic": (
+        "seed_efficientnet_b0",
+        lambda: LukeEfficientNetRef(1.0, 5, 0.25, None),
+        {"image_size": None},
+        34,
+        42,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEED_EFFICIENTNET_CASES))
+def test_seed_efficientnet_matches_torch_and_round_trips(case):
+    name, build, kwargs, size, seed = SEED_EFFICIENTNET_CASES[case]
+    kwargs = {"width": 0.25, **kwargs}
+    _matches_torch_and_round_trips(name, build, kwargs, 5, size, seed, "torchvision", size)
+
+
+def test_seed_efficientnet_param_counts_are_lukemelas():
+    """The full-size torch reference (lukemelas' definition, 1000 classes) has exactly the
+    params of the Flax models (tests/test_models_zoo.py's table)."""
+    from tests.test_models_zoo import ZOO
+
+    for name, depth in (("seed_efficientnet_b0", 1.0), ("seed_efficientnet_b1", 1.1)):
+        ref = LukeEfficientNetRef(depth, 1000, 1.0, None)
+        assert sum(p.numel() for p in ref.parameters()) == ZOO[name][0], name
+
+
+def test_seed_efficientnet_student_checkpoint(tmp_path, capsys):
+    """A SEED training checkpoint ('module.student.*' with the --student_mlp fc, the teacher
+    and the queue) converts via the 'seed' format, by API and by CLI, and exports back."""
+    from disco_jax.convert.__main__ import main as convert_main
+
+    student = LukeEfficientNetRef(1.0, 5, 0.25, 224)
+    d = student.fc.in_features
+    student.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 16))  # SEED's mlp=True
+    student = calibrate(randomize(student, seed=43), seed=43)
+    state = {f"module.student.{k}": v for k, v in student.state_dict().items()}
+    state |= {"module.teacher.conv1.weight": torch.zeros(8, 3, 7, 7)}
+    state |= {"module.queue": torch.zeros(16, 8), "module.queue_ptr": torch.zeros(1)}
+    path = str(tmp_path / "seed_effb0.pth.tar")
+    torch.save({"epoch": 200, "arch": "efficientnet_b0", "state_dict": state}, path)
+    x = _image((2, 3, 32, 32), seed=44)
+    with torch.no_grad():
+        t_feats = student.pooled_features(x).numpy()
+        t_embed = student(x).numpy()
+
+    name, kwargs = "seed_efficientnet_b0", {"width": 0.25}
+    result = convert.convert(convert.load_torch_file(path), name, "seed", **kwargs)
+    assert (result.head, result.head_hidden, result.embed_dim) == ("mlp", d, 16)
+    encoder = models.Encoder(
+        backbone=models.create(name, num_classes=0, **kwargs),
+        head=models.create_head("mlp", out_dim=16, hidden_dim=d),
+    )
+    out = _jit(functools.partial(encoder.apply, train=False))(result.variables, _nhwc(x))
+    _assert_close(np.asarray(out["features"]), t_feats)
+    _assert_close(np.asarray(out["embedding"]), t_embed)
+
+    # Back under SEED's names, strict load into the student, re-import: exact.
+    exported = convert.to_torch(result.variables, name, prefix="module.student.", **kwargs)
+    assert "module.student._blocks.3._se_reduce.bias" in exported
+    assert "module.student.fc.2.weight" in exported
+    student.load_state_dict({k[len("module.student.") :]: v for k, v in exported.items()})
+    _assert_trees_equal(convert.from_torch(exported, name, "seed", **kwargs), result.variables)
+
+    # The CLI writes the same variables as an encoder directory.
+    out_dir = str(tmp_path / "teacher")
+    argv = ["seed", name, path, out_dir, "--model-kwarg", "width=0.25"]
+    assert convert_main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded, manifest = checkpoint.load_encoder(out_dir)
+    assert (manifest["head"], manifest["head_hidden"], manifest["embed_dim"]) == ("mlp", d, 16)
+    _assert_trees_equal(loaded, result.variables)
+
+    # Strictness: a missing block key, a stray student key and a wrong shape, in one error.
+    bad = dict(state)
+    del bad["module.student._blocks.2._se_expand.bias"]
+    bad["module.student._blocks.99._bn0.weight"] = torch.zeros(8)
+    bad["module.student._conv_head.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ConfigError) as err:
+        convert.from_torch(bad, name, "seed", **kwargs)
+    msg = str(err.value)
+    assert "missing 1 key(s): module.student._blocks.2._se_expand.bias" in msg
+    assert "unexpected 1 key(s): module.student._blocks.99._bn0.weight" in msg
+    assert "wrong shape for 1 key(s): module.student._conv_head.weight" in msg
 
 
 def test_disco_student_with_timm_classifier_head(tmp_path):

@@ -8,6 +8,7 @@ with the 8 fake CPU devices of conftest.py) dominates the time.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,25 @@ def _wrn(depth: int, k: int, classes: int) -> int:
     return p + 2 * in_ch + (in_ch + 1) * classes  # final BN + fc
 
 
+def _lukemelas_efficientnet(depth_mult: float, classes: int) -> int:
+    """Parameters of lukemelas' EfficientNet (width 1.0; SEED's copy), from its block strings.
+
+    Bias-free convs, 2C per BN, SE 1x1 convs with bias (squeeze int(block input * 0.25)), no
+    expand conv where the ratio is 1, head conv to 1280, Linear(1280, classes).
+    """
+    blocks = ((1, 3, 32, 16, 1), (6, 3, 16, 24, 2), (6, 5, 24, 40, 2), (6, 3, 40, 80, 3),
+              (6, 5, 80, 112, 3), (6, 5, 112, 192, 4), (6, 3, 192, 320, 1))  # fmt: skip
+    p = 3 * 9 * 32 + 2 * 32
+    for e, k, inp, out, n in blocks:
+        for j in range(int(math.ceil(depth_mult * n))):
+            inp = inp if j == 0 else out
+            mid, sq = inp * e, max(1, int(inp * 0.25))
+            p += (inp * mid + 2 * mid) if e != 1 else 0
+            p += k * k * mid + 2 * mid + (mid * sq + sq) + (sq * mid + mid)
+            p += mid * out + 2 * out
+    return p + 320 * 1280 + 2 * 1280 + (1280 + 1) * classes
+
+
 # (parameter count, num_classes, feature dim, input size).
 # efficientnet_b0/b1 and wide_resnet50_2 are torchvision's published counts. The rest are
 # derived from the architecture definitions by the counters above, independent of the Flax code:
@@ -88,6 +108,10 @@ ZOO = {
     # SEED's MobileNetV3: torchvision's channels, Linear SE layers (same params as 1x1 convs).
     "seed_mobilenetv3_large": (5_483_032, 1000, 1280, 224),
     "seed_mobilenetv3_small": (2_542_856, 1000, 1024, 224),
+    # SEED's lukemelas EfficientNet: torchvision's network (same count) with TF padding, BN eps
+    # 1e-3; counted by _lukemelas_efficientnet and by the torch reference in test_convert_zoo.
+    "seed_efficientnet_b0": (5_288_548, 1000, 1280, 224),
+    "seed_efficientnet_b1": (7_794_184, 1000, 1280, 224),
     "swav_resnet50w2": (98_004_072, 1000, 4096, 224),
     "swav_resnet50w4": (383_571_176, 1000, 8192, 224),
     "swav_resnet50w5": (596_691_240, 1000, 10240, 224),
@@ -137,6 +161,8 @@ def test_derived_counts_match_the_table():
     assert _wrn(16, 2, 100) == ZOO["wrn_16_2"][0]
     assert _wrn(40, 2, 100) == ZOO["wrn_40_2"][0]
     assert _wrn(28, 4, 100) == ZOO["wrn_28_4"][0]
+    assert _lukemelas_efficientnet(1.0, 1000) == ZOO["seed_efficientnet_b0"][0]
+    assert _lukemelas_efficientnet(1.1, 1000) == ZOO["seed_efficientnet_b1"][0]
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

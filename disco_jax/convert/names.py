@@ -43,7 +43,8 @@ LEAF_TO_TORCH: dict[tuple[str, str], str] = {
 }
 NUM_BATCHES_TRACKED = "num_batches_tracked"
 # torch module names that contain '_' themselves (timm's blocks and heads, MCL's and SwAV's
-# heads): `torch_module` keeps them whole.
+# heads, lukemelas' EfficientNet, whose names all start with '_'): `torch_module` keeps them
+# whole.
 TORCH_NAMES_WITH_UNDERSCORE = frozenset(
     {
         "conv_stem",
@@ -55,18 +56,34 @@ TORCH_NAMES_WITH_UNDERSCORE = frozenset(
         "conv_expand",
         "proj_head",
         "projection_head",
+        "_conv_stem",
+        "_bn0",
+        "_bn1",
+        "_bn2",
+        "_blocks",
+        "_expand_conv",
+        "_depthwise_conv",
+        "_se_reduce",
+        "_se_expand",
+        "_project_conv",
+        "_conv_head",
     }
 )
+# The most '_'-separated parts of one such name ('_conv_stem': '', 'conv', 'stem').
+_MAX_NAME_PARTS = max(len(n.split("_")) for n in TORCH_NAMES_WITH_UNDERSCORE)
 
 
 def torch_module(module: str) -> str:
-    """``blocks_0_0_se_conv_reduce`` -> ``blocks.0.0.se.conv_reduce``."""
+    """``blocks_0_0_se_conv_reduce`` -> ``blocks.0.0.se.conv_reduce``,
+    ``_blocks_3__se_reduce`` -> ``_blocks.3._se_reduce`` (longest known name first)."""
     parts, out, i = module.split("_"), [], 0
     while i < len(parts):
-        pair = "_".join(parts[i : i + 2])
-        if i + 1 < len(parts) and pair in TORCH_NAMES_WITH_UNDERSCORE:
-            out.append(pair)
-            i += 2
+        for n in range(min(_MAX_NAME_PARTS, len(parts) - i), 1, -1):
+            name = "_".join(parts[i : i + n])
+            if name in TORCH_NAMES_WITH_UNDERSCORE:
+                out.append(name)
+                i += n
+                break
         else:
             out.append(parts[i])
             i += 1

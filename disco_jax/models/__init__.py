@@ -5,9 +5,11 @@
 float images; it returns logits (N, num_classes), or the pooled pre-logit features (N, d) when
 ``features=True`` or ``num_classes=0``. Options: ``width`` (channel multiplier), ``dtype``
 (compute dtype; params stay float32), ResNet ``stem`` ('imagenet' or 'cifar'), MobileNetV3
-``dropout``, EfficientNet ``dropout`` / ``stochastic_depth_prob``. Module names mirror the
+``dropout``, EfficientNet ``dropout`` / ``stochastic_depth_prob``, ``seed_efficientnet_*``
+``image_size`` (the size its TF 'SAME' padding is fixed for). Module names mirror the
 source implementation's state_dict paths ('.' -> '_'): torchvision's for ResNets,
-wide_resnet50_2, MobileNetV3 and EfficientNet, SEED's for ``seed_mobilenetv3_*``, SwAV's
+wide_resnet50_2, MobileNetV3 and EfficientNet, SEED's for ``seed_mobilenetv3_*`` and
+``seed_efficientnet_b0/b1`` (lukemelas' EfficientNet-PyTorch names), SwAV's
 (torchvision-like) for ``swav_resnet50w*``, timm's for ``mobilenetv3_*_100`` and
 ``timm_efficientnet_b0/b1`` (timm's ``efficientnet_b0/b1``, prefixed so they do not clash with
 torchvision's names), and winycg/MCL's for the CIFAR nets (``resnet32/56/110``, ``wrn_*``;
@@ -73,6 +75,9 @@ _MODELS: dict[str, partial[nn.Module]] = {
     # timm's efficientnet_b0/b1 names collide with torchvision's, hence the prefix.
     "timm_efficientnet_b0": efficientnet.timm_efficientnet_b0,
     "timm_efficientnet_b1": efficientnet.timm_efficientnet_b1,
+    # SEED's EfficientNet (lukemelas' port: TF 'SAME' padding, BN eps 1e-3, classifier 'fc').
+    "seed_efficientnet_b0": efficientnet.seed_efficientnet_b0,
+    "seed_efficientnet_b1": efficientnet.seed_efficientnet_b1,
     # CIFAR networks of MCL (3x3 stem, 32x32 inputs).
     "resnet32": cifar.resnet32,
     "resnet56": cifar.resnet56,

@@ -1,4 +1,4 @@
-"""EfficientNet-B0/B1 (torchvision and timm layouts) and timm's MobileNetV3 in Flax Linen.
+"""EfficientNet-B0/B1 (torchvision, timm and SEED/lukemelas layouts) and timm's MobileNetV3.
 
 Both are built from the same pieces (conv-BN-act, depthwise conv, squeeze-excite), which is
 why timm's MobileNetV3 lives here: timm builds it with its EfficientNet builder.
@@ -24,6 +24,10 @@ path with '_' gives the torch module path with '.' replaced by '_'. Leaf names m
   eps 1e-3 / momentum 0.01 of torchvision's MobileNetV3. The feature is the 1280-d (Large) or
   1024-d (Small) ``conv_head`` + Hardswish output, before timm's dropout.
 
+- SEED's ``efficientnet_b0/b1`` (lukemelas/EfficientNet-PyTorch): see `SeedEfficientNet`.
+  lukemelas' names start with '_' (``_blocks.3._se_reduce``), so the Flax names do too:
+  ``params['_blocks_3']['_se_reduce']`` joins to ``_blocks_3__se_reduce``.
+
 Differences on purpose: ``width`` scales every channel count (timm keeps its 1280/1024 head
 width fixed; here it scales too, so tiny test models stay tiny); stochastic depth defaults to
 off (torchvision uses 0.2 at train time, which would need a 'dropout' rng in every train step);
@@ -41,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from disco_jax.errors import ConfigError
 from disco_jax.models import layers
 from disco_jax.models.mobilenetv3 import ARCHS, BlockConfig, make_divisible
 
@@ -73,6 +78,21 @@ _conv = layers.conv
 
 def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
+
+
+def _stochastic_depth(module: nn.Module, y: jnp.ndarray, prob: float, train: bool) -> jnp.ndarray:
+    """Drop a residual branch per sample and rescale survivors by 1 / survival rate.
+
+    torchvision's StochasticDepth(mode="row") and lukemelas' drop_connect (floor(keep + U) is a
+    Bernoulli(keep) mask) are the same operation; only at train time with ``prob > 0`` does it
+    need a 'dropout' rng.
+    """
+    if not train or prob <= 0:
+        return y
+    keep = 1.0 - prob
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, y / keep, 0).astype(y.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,15 +157,7 @@ class MBConv(nn.Module):
         y = _conv(self.out_ch, 1, f"block_{k}_0", dtype)(y)
         y = _bn(train, dtype, f"block_{k}_1")(y)
         if self.stride == 1 and self.in_ch == self.out_ch:
-            if train and self.drop_prob > 0:
-                # torchvision StochasticDepth(mode="row"): drop the branch per sample and
-                # rescale survivors by 1 / survival rate.
-                keep = 1.0 - self.drop_prob
-                mask = jax.random.bernoulli(
-                    self.make_rng("dropout"), keep, (y.shape[0],) + (1,) * (y.ndim - 1)
-                )
-                y = jnp.where(mask, y / keep, 0).astype(y.dtype)
-            y = y + x
+            y = _stochastic_depth(self, y, self.drop_prob, train) + x
         return y
 
 
@@ -385,3 +397,167 @@ class TimmEfficientNet(nn.Module):
 
 timm_efficientnet_b0 = partial(TimmEfficientNet, arch="b0")
 timm_efficientnet_b1 = partial(TimmEfficientNet, arch="b1")
+
+
+# --------------------------------------------------------------------------------------------
+# SEED's EfficientNet-B0/B1 (lukemelas/EfficientNet-PyTorch, registered as seed_efficientnet_*)
+
+# lukemelas' ``efficientnet_params`` resolution; ``EfficientNet.from_name`` (what SEED's
+# ``efficientnet_b0/b1`` call) passes it as ``image_size``, which fixes every conv's padding.
+LUKEMELAS_RESOLUTION: dict[str, int] = {"b0": 224, "b1": 240}
+# torch's BatchNorm2d(momentum=0.01, eps=1e-3): TF's 0.99 decay, which lukemelas converts.
+LUKEMELAS_BN_MOMENTUM = 0.99
+LUKEMELAS_BN_EPS = 1e-3
+# lukemelas leaves torch's default init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+Padding = str | tuple[tuple[int, int], tuple[int, int]]
+
+
+def tf_same_padding(size: int | None, kernel: int, stride: int) -> Padding:
+    """TF 'SAME' padding as lukemelas' Conv2d*SamePadding computes it.
+
+    ``size`` given: Conv2dStaticSamePadding, whose pads are computed once for that input size
+    and then applied to any input (so a B1 built for 240 px but fed 224 px pads its 15 -> 8
+    stride-2 conv (2, 2) on a 14 px map, where TF would pad (1, 2)). ``None``:
+    Conv2dDynamicSamePadding, i.e. lax's 'SAME' on the actual input: low = total // 2.
+    """
+    if size is None:
+        return "SAME"
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    pad = (total // 2, total - total // 2)
+    return (pad, pad)
+
+
+class SeedMBConv(nn.Module):
+    """lukemelas' MBConvBlock: [``_expand_conv``, ``_bn0``] -> ``_depthwise_conv``, ``_bn1`` ->
+    ``_se_reduce`` / ``_se_expand`` -> ``_project_conv``, ``_bn2`` (+ residual)."""
+
+    expand_ratio: int
+    kernel: int
+    stride: int
+    in_ch: int  # already width-scaled (lukemelas' round_filters)
+    out_ch: int
+    in_size: int | None  # the static-padding input size of this block; None: dynamic
+    drop_prob: float = 0.0  # drop_connect, only at train time
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dtype = self.dtype
+        conv = partial(_conv, dtype=dtype, kernel_init=TORCH_DEFAULT_INIT)
+        bn = lambda name: layers.batch_norm(
+            train, dtype, name, LUKEMELAS_BN_MOMENTUM, LUKEMELAS_BN_EPS
+        )
+        # No make_divisible here (torchvision has one): in * ratio as lukemelas computes it.
+        mid = self.in_ch * self.expand_ratio
+        y = x
+        if self.expand_ratio != 1:  # lukemelas skips the module, not just its effect
+            y = nn.silu(bn("_bn0")(conv(mid, 1, "_expand_conv")(y)))
+        pad = tf_same_padding(self.in_size, self.kernel, self.stride)
+        dw = conv(mid, self.kernel, "_depthwise_conv", stride=self.stride, groups=mid, padding=pad)
+        y = nn.silu(bn("_bn1")(dw(y)))
+        # Squeeze width from the block *input* channels: int(input_filters * se_ratio 0.25).
+        squeeze = max(1, int(self.in_ch * 0.25))
+        s = jnp.mean(y, axis=(1, 2), keepdims=True)
+        s = nn.silu(conv(squeeze, 1, "_se_reduce", bias=True)(s))
+        y = y * nn.sigmoid(conv(mid, 1, "_se_expand", bias=True)(s))
+        y = bn("_bn2")(conv(self.out_ch, 1, "_project_conv")(y))
+        if self.stride == 1 and self.in_ch == self.out_ch:  # every block has id_skip
+            y = _stochastic_depth(self, y, self.drop_prob, train) + x
+        return y
+
+
+class SeedEfficientNet(nn.Module):
+    """SEED's EfficientNet-B0/B1 (its copy of lukemelas' EfficientNet-PyTorch, head ``fc``).
+
+    Module names are lukemelas' ('.' -> '_'): ``_conv_stem``, ``_bn0``, the flat block list
+    ``_blocks_{N}`` (children as in `SeedMBConv`), ``_conv_head``, ``_bn1`` and the classifier
+    ``fc`` (lukemelas calls it ``_fc``; SEED renamed it so its MLP head can replace it). The
+    network equals torchvision's B0/B1 (same channels, depths, SE widths, SiLU; 5,288,548 /
+    7,794,184 params) except for TF 'SAME' padding and BN eps 1e-3 / torch momentum 0.01.
+    The feature is the pooled 1280-d ``_conv_head`` + ``_bn1`` + swish output, before the 0.2
+    dropout; a SEED student's embedding is ``fc``: Linear(1280, 128), or
+    Linear(1280, 1280) -> ReLU -> Linear(1280, 128) with ``--student_mlp``.
+
+    ``image_size`` fixes the padding (`tf_same_padding`): "native" is lukemelas' resolution
+    (224 B0, 240 B1), what SEED builds and what its checkpoints were trained with (at 224 px);
+    an int is another design size; None pads TF 'SAME' for the actual input.
+    """
+
+    arch: str  # a key of LUKEMELAS_RESOLUTION
+    num_classes: int = 1000
+    width: float = 1.0
+    image_size: int | str | None = "native"
+    dropout: float = 0.2
+    # lukemelas trains with drop_connect 0.2; 0 keeps train steps free of a 'dropout' rng.
+    stochastic_depth_prob: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def _design_size(self) -> int | None:
+        if self.image_size == "native":
+            return LUKEMELAS_RESOLUTION[self.arch]
+        if self.image_size is None or (isinstance(self.image_size, int) and self.image_size > 0):
+            return self.image_size
+        raise ConfigError(
+            f"image_size must be 'native', a positive int or None, got {self.image_size!r}"
+        )
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False) -> Any:
+        width_mult, depth_mult = EFFICIENTNET_ARCHS[self.arch]
+        dtype = self.dtype
+        # lukemelas' round_filters is make_divisible (divisor 8) of filters * width.
+        ch = lambda c: make_divisible(c * width_mult * self.width)
+        bn = lambda name: layers.batch_norm(
+            train, dtype, name, LUKEMELAS_BN_MOMENTUM, LUKEMELAS_BN_EPS
+        )
+        size = self._design_size()
+        shrink = lambda size, stride: None if size is None else -(-size // stride)
+
+        stem_pad = tf_same_padding(size, 3, 2)
+        x = _conv(
+            ch(32), 3, "_conv_stem", dtype, 2, kernel_init=TORCH_DEFAULT_INIT, padding=stem_pad
+        )(x)
+        x = nn.silu(bn("_bn0")(x))
+        size = shrink(size, 2)
+        depths = [int(math.ceil(st.num_layers * depth_mult)) for st in _B0_STAGES]
+        total = sum(depths)
+        n = 0
+        for st, depth in zip(_B0_STAGES, depths, strict=True):
+            for j in range(depth):
+                stride = st.stride if j == 0 else 1
+                x = SeedMBConv(
+                    st.expand_ratio,
+                    st.kernel,
+                    stride,
+                    ch(st.in_ch) if j == 0 else ch(st.out_ch),
+                    ch(st.out_ch),
+                    size,
+                    # lukemelas scales drop_connect_rate by block index / number of blocks.
+                    self.stochastic_depth_prob * n / total,
+                    dtype,
+                    name=f"_blocks_{n}",
+                )(x, train)
+                size = shrink(size, stride)
+                n += 1
+        x = _conv(ch(1280), 1, "_conv_head", dtype, kernel_init=TORCH_DEFAULT_INIT)(x)
+        x = nn.silu(bn("_bn1")(x))
+        x = jnp.mean(x, axis=(1, 2))
+
+        def classify(x: jnp.ndarray) -> jnp.ndarray:
+            x = nn.Dropout(self.dropout, deterministic=not train, name="_dropout")(x)
+            return nn.Dense(
+                self.num_classes,
+                kernel_init=TORCH_DEFAULT_INIT,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name="fc",
+            )(x)
+
+        return layers.classifier_output(x, features, self.num_classes, classify)
+
+
+seed_efficientnet_b0 = partial(SeedEfficientNet, arch="b0")
+seed_efficientnet_b1 = partial(SeedEfficientNet, arch="b1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,14 +23,16 @@ def conv(
     groups: int = 1,
     bias: bool = False,
     kernel_init: nn.initializers.Initializer = CONV_INIT,
+    padding: str | Sequence[tuple[int, int]] | None = None,
 ) -> nn.Conv:
-    # Explicit symmetric (k - 1) // 2 padding as torch does; 'SAME' would pad a 7x7/2 stem
-    # (2, 3) and shift every feature map.
+    # Default: explicit symmetric (k - 1) // 2 padding as torch does; 'SAME' would pad a 7x7/2
+    # stem (2, 3) and shift every feature map. Ports of TF models (lukemelas' EfficientNet)
+    # pass 'SAME' or explicit (low, high) pairs instead.
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=stride,
-        padding=(kernel - 1) // 2,
+        padding=(kernel - 1) // 2 if padding is None else padding,
         feature_group_count=groups,
         use_bias=bias,
         kernel_init=kernel_init,
