@@ -2,8 +2,12 @@
 
 import os
 
-# Must happen before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before jax is imported anywhere in the test session. Optimisation level 0 of the
+# CPU backend: compiling dominates the suite and the test steps are tiny (measured on 2 cores,
+# cold cache: 21 min 23 s instead of 25 min 28 s for 280 tests).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Runs with identical configs (determinism, resume, fresh processes) compile once per session.
