@@ -80,6 +80,22 @@ def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
 
 
+def _dropout_dense(rate: float, num_classes: int, init: nn.initializers.Initializer,
+                   dtype: Dtype, train: bool, name: str, dropout_name: str | None = None):
+    """The classifier every network here ends with: dropout, then a float32-param Dense.
+
+    Call inside the parent's compact method, so both modules are its children under the
+    given names (the source implementation's, for checkpoint conversion).
+    """
+
+    def classify(x: jnp.ndarray) -> jnp.ndarray:
+        x = nn.Dropout(rate, deterministic=not train, name=dropout_name)(x)
+        return nn.Dense(num_classes, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
+                        name=name)(x)
+
+    return classify
+
+
 def _stochastic_depth(module: nn.Module, y: jnp.ndarray, prob: float, train: bool) -> jnp.ndarray:
     """Drop a residual branch per sample and rescale survivors by 1 / survival rate.
 
@@ -201,15 +217,8 @@ class EfficientNet(nn.Module):
         x = _conv(4 * ch(_B0_STAGES[-1].out_ch), 1, f"{last}_0", dtype)(x)
         x = nn.silu(_bn(train, dtype, f"{last}_1")(x))
         x = jnp.mean(x, axis=(1, 2))
-        def classify(x: jnp.ndarray) -> jnp.ndarray:
-            x = nn.Dropout(self.dropout, deterministic=not train, name="classifier_0")(x)
-            return nn.Dense(
-                self.num_classes,
-                kernel_init=EFFNET_LINEAR_INIT,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                name="classifier_1",
-            )(x)
+        classify = _dropout_dense(self.dropout, self.num_classes, EFFNET_LINEAR_INIT, dtype, train,
+                                  "classifier_1", dropout_name="classifier_0")
 
         return layers.classifier_output(x, features, self.num_classes, classify)
 
@@ -314,15 +323,8 @@ class TimmMobileNetV3(nn.Module):
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         head = _conv(ch(num_features), 1, "conv_head", dtype, bias=True, kernel_init=goog)
         x = nn.hard_swish(head(x)).reshape(x.shape[0], -1)
-        def classify(x: jnp.ndarray) -> jnp.ndarray:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)  # timm's F.dropout
-            return nn.Dense(
-                self.num_classes,
-                kernel_init=TIMM_LINEAR_INIT,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                name="classifier",
-            )(x)
+        classify = _dropout_dense(self.dropout, self.num_classes, TIMM_LINEAR_INIT, dtype, train,
+                                  "classifier")  # timm's F.dropout
 
         return layers.classifier_output(x, features, self.num_classes, classify)
 
@@ -382,15 +384,8 @@ class TimmEfficientNet(nn.Module):
         x = nn.silu(_bn(train, dtype, "bn2")(x))
         x = jnp.mean(x, axis=(1, 2))
 
-        def classify(x: jnp.ndarray) -> jnp.ndarray:
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            return nn.Dense(
-                self.num_classes,
-                kernel_init=TIMM_LINEAR_INIT,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                name="classifier",
-            )(x)
+        classify = _dropout_dense(self.dropout, self.num_classes, TIMM_LINEAR_INIT, dtype, train,
+                                  "classifier")
 
         return layers.classifier_output(x, features, self.num_classes, classify)
 
@@ -546,15 +541,8 @@ class SeedEfficientNet(nn.Module):
         x = nn.silu(bn("_bn1")(x))
         x = jnp.mean(x, axis=(1, 2))
 
-        def classify(x: jnp.ndarray) -> jnp.ndarray:
-            x = nn.Dropout(self.dropout, deterministic=not train, name="_dropout")(x)
-            return nn.Dense(
-                self.num_classes,
-                kernel_init=TORCH_DEFAULT_INIT,
-                dtype=dtype,
-                param_dtype=jnp.float32,
-                name="fc",
-            )(x)
+        classify = _dropout_dense(self.dropout, self.num_classes, TORCH_DEFAULT_INIT, dtype, train,
+                                  "fc", dropout_name="_dropout")
 
         return layers.classifier_output(x, features, self.num_classes, classify)
 
