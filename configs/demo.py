@@ -38,8 +38,8 @@ def _common(c: mlc.ConfigDict, epochs: int) -> mlc.ConfigDict:
     c.optimizer.warmup_epochs = 0.0
     c.log_every_steps = 20
     c.checkpoint_every_steps = 100
-    c.eval.linear_epochs = 100
-    c.eval.knn_k = 20
+    c.evals.linear_fast.epochs = 100
+    c.evals.knn.k = 20
     return c
 
 
@@ -97,6 +97,8 @@ def get_config(arg: str | None = None):
     kd.loss.temp = 4.0
     kd.loss.ce_weight = 0.0
 
+    for distilled in (seed, disco, kd):
+        config_lib.distill_monitors(distilled)
     stages = {"teacher": teacher, "baseline": baseline, "seed": seed, "disco": disco, "kd": kd}
     if args.smoke:
         for name, s in stages.items():

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, teacher="resnet50")
     c = config_lib.base_config()
     c.method = "disco"
+    config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     c.student = config_lib.encoder_config("mobilenetv3_large_100", head_hidden=2048)

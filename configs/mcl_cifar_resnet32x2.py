@@ -16,6 +16,7 @@ Variants: `:smoke` (width 0.25, digits, 4 steps; what the tests run), `logit_dis
 """
 
 from disco_jax import config_lib
+from disco_jax.eval import block
 from disco_jax.methods.mcl import loss_config
 
 
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None):
     m = args.m or args.nets
     c = config_lib.base_config()
     c.method = "mcl"
+    c.evals.classifier = block("classifier")  # every network, the best, the ensemble
     c.data.name = "cifar100"
     c.data.image_size = 32
     c.data.crop_scale = (0.6, 1.0)

@@ -13,6 +13,7 @@ Variants: `:smoke` (width 0.25, CIFAR stem, digits, 4 steps, 32 negatives; what 
 """
 
 from disco_jax import config_lib
+from disco_jax.eval import block
 from disco_jax.methods.mcl import loss_config
 
 
@@ -20,6 +21,7 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, nets=2)
     c = config_lib.base_config()
     c.method = "mcl"
+    c.evals.classifier = block("classifier")  # every network, the best, the ensemble
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     c.data.crop_scale = (0.08, 1.0)

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
     c = config_lib.base_config()
     c.method = "seed"
+    config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     c.data.crop_scale = (0.14, 1.0)  # swav_aug

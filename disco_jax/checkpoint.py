@@ -87,6 +87,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     return out["state"], dict(out["meta"])
 
 
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON `meta` item of a checkpoint alone (check it before restoring the state)."""
+    out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+
 def fingerprint(tree: Any) -> str:
     """sha256 over every leaf's path, shape, dtype and bytes: identifies a frozen network."""
     h = hashlib.sha256()
@@ -120,7 +126,7 @@ def save_encoder(path: str, variables: dict, manifest: dict) -> None:
     os.replace(tmp, os.path.join(path, MANIFEST))  # the manifest last: it marks completeness
 
 
-def read_manifest(path: str) -> dict:
+def read_manifest(path: str, role: str = "teacher") -> dict:
     """The manifest of an encoder directory; ConfigError if it is not one."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "encoder")) and not os.path.exists(
@@ -130,7 +136,7 @@ def read_manifest(path: str) -> dict:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
         raise ConfigError(
-            f"teacher checkpoint {path!r} not found (expected an encoder directory with"
+            f"{role} checkpoint {path!r} not found (expected an encoder directory with"
             f" {MANIFEST}: a finished disco_jax workdir, its 'encoder' folder, or the output of"
             " `python -m disco_jax.convert`)"
         )
@@ -138,19 +144,23 @@ def read_manifest(path: str) -> dict:
         with open(mpath) as f:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"teacher manifest {mpath!r} is unreadable: {e}") from None
+        raise ConfigError(f"{role} manifest {mpath!r} is unreadable: {e}") from None
+    if not isinstance(manifest, dict) or not manifest.get("model"):
+        raise ConfigError(f"{role} manifest {mpath!r} names no model; rewrite it with"
+                          " `python -m disco_jax.convert` or point at another directory")
     manifest["path"] = path
     return manifest
 
 
-def load_encoder(path: str) -> tuple[dict, dict]:
+def load_encoder(path: str, role: str = "teacher") -> tuple[dict, dict]:
     """(variables, manifest) of an encoder directory, as host numpy arrays."""
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, role)
     try:
         variables = ocp.StandardCheckpointer().restore(
             os.path.join(manifest["path"], "variables")
         )
     except Exception as e:  # orbax raises many types for truncated/corrupt data
-        raise ConfigError(f"cannot read teacher weights in {manifest['path']!r}: {e}") from None
+        raise ConfigError(f"cannot read {role} weights in {manifest['path']!r}:"
+                          f" {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     variables = jax.tree_util.tree_map(np.asarray, dict(variables))
     return variables, manifest

@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections as mlc
 
+from disco_jax.eval import protocols
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> mlc.ConfigDict:
     """`"smoke,res=32"` -> ConfigDict(smoke=True, res=32) with typed defaults (big_vision style)."""
@@ -117,18 +119,17 @@ def base_config() -> mlc.ConfigDict:
     c.keep_checkpoints = 3
     c.nonfinite = "stop"  # non-finite loss/grads: "stop" (keep last good checkpoint) or "skip"
     c.force_resume = False  # resume a workdir whose checkpoint came from a different config
-    c.eval_every_steps = -1  # periodic kNN; the full evaluation always runs at the end
-    c.eval = mlc.ConfigDict(
-        {
-            "enabled": True,
-            "batch_size": 256,
-            "knn_k": 20,
-            "knn_temp": 0.07,
-            "linear_epochs": 100,
-            "linear_lr": 0.1,
-            "linear_batch_size": 256,
-        }
-    )
+    # Evaluators (disco_jax/eval): kNN (k sweep) and the quick probe at the end, an online kNN
+    # on a fixed train subset every 10 epochs. `eval.enabled=False` switches all of them off.
+    c.eval = mlc.ConfigDict({"enabled": True, "batch_size": 256})  # batch: feature extraction
+    c.evals = protocols.final_evals()
+    c.evals.knn_online = protocols.online_knn()
+    return c
+
+
+def distill_monitors(c: mlc.ConfigDict, every_epochs: float = 10.0) -> mlc.ConfigDict:
+    """Add the student-teacher agreement monitor (methods with a teacher)."""
+    c.evals.agree = protocols.agreement(every_epochs)
     return c
 
 
@@ -144,7 +145,8 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.total_steps = 4
     c.log_every_steps = 2
     c.checkpoint_every_steps = 2
-    c.eval.linear_epochs = 5
+    c.evals.linear_fast.epochs = 5
+    c.evals.knn_online.every_epochs = -1.0  # the tests that need it set every_steps
     for net in ("student", "teacher"):
         kw = dict(c[net].model_kwargs)
         kw["width"] = 0.25

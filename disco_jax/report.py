@@ -37,8 +37,8 @@ def write(workdir: str, summary: dict, config: Any) -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
     lines.append("")
-    knn = config.stages[rows[0]["stage"]].eval
-    lines.append(f"Dataset: {config.dataset_name}. kNN: k={knn.knn_k}, cosine, T={knn.knn_temp};"
+    knn = config.stages[rows[0]["stage"]].evals.knn
+    lines.append(f"Dataset: {config.dataset_name}. kNN: k={knn.k}, cosine, T={knn.temp};"
                  f" linear probe on frozen pooled features (top-1 %, test split)."
                  f" Total wall time {summary['wall_seconds']:.0f} s.")
     with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -34,7 +34,7 @@ log = logging.getLogger("disco_jax")
 # Fields that do not change the trajectory of a run: a resume may change them freely.
 RESUME_FREE_KEYS = (
     "stop_at_step", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "eval_every_steps", "eval", "force_resume", "data.data_dir", "teacher.init", "mesh",
+    "evals", "eval", "force_resume", "data.data_dir", "teacher.init", "mesh",
     "nonfinite",
 )
 TMP_MARK = ".orbax-checkpoint-tmp"

@@ -66,6 +66,7 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     method.validate(config)
     optim.validate(config.optimizer)
     compute_dtype(config.dtype)
+    evaluation.validate(config.evals, eval_env(config, method, mesh, workdir=""))
     for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
         # Unknown names and options fail here, before anything is traced.
         models.build_encoder(config[net])
@@ -83,14 +84,11 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     return source, teacher_manifest
 
 
-def load_teacher(config: Any, method: Any, dtype: Any) -> tuple[Any, Any, dict]:
-    """(module, host variables, manifest) of the frozen teacher; ConfigError if its weights are
-    unreadable or do not fit the architecture its manifest names. Traces, never compiles."""
-    host_vars, manifest = checkpoint.load_encoder(config.teacher.init)
-    teacher = method.build_teacher(manifest, dtype)
-    size = config.data.image_size
+def check_variables(module: Any, host_vars: dict, manifest: dict, size: int, dtype: Any,
+                    role: str = "teacher") -> None:
+    """ConfigError unless `host_vars` has exactly the arrays `module` expects. Traces only."""
     expected = jax.eval_shape(
-        functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
+        functools.partial(module.init, train=False), jax.random.PRNGKey(0),
         jnp.zeros((1, size, size, 3), dtype),
     )
     expected = {k: expected[k] for k in ("params", "batch_stats") if k in expected}
@@ -103,12 +101,80 @@ def load_teacher(config: Any, method: Any, dtype: Any) -> tuple[Any, Any, dict]:
         bad = sorted(k for k in set(want_paths) | set(got_paths)
                      if want_paths.get(k) != got_paths.get(k))
         raise ConfigError(
-            f"teacher weights in {manifest['path']!r} do not fit a {manifest.get('model')!r}"
+            f"{role} weights in {manifest['path']!r} do not fit a {manifest.get('model')!r}"
             f" with {manifest.get('model_kwargs')} ({len(bad)} mismatched arrays, e.g."
             f" {bad[0]}: expected {want_paths.get(bad[0])}, found {got_paths.get(bad[0])});"
-            " check teacher.init and the manifest"
+            f" check the {role} directory and its manifest"
         )
+
+
+def load_teacher(config: Any, method: Any, dtype: Any) -> tuple[Any, Any, dict]:
+    """(module, host variables, manifest) of the frozen teacher; ConfigError if its weights are
+    unreadable or do not fit the architecture its manifest names. Traces, never compiles."""
+    host_vars, manifest = checkpoint.load_encoder(config.teacher.init)
+    teacher = method.build_teacher(manifest, dtype)
+    check_variables(teacher, host_vars, manifest, config.data.image_size, dtype)
     return teacher, host_vars, manifest
+
+
+def eval_env(config: Any, method: Any, mesh: jax.sharding.Mesh, workdir: str) -> Any:
+    """The facts evaluators are built from (they never recompute them)."""
+    return evaluation.Env(
+        mesh=mesh, data=config.data, workdir=os.path.join(workdir, "eval") if workdir else "",
+        seed=config.seed, batch_size=config.eval.batch_size, dtype=compute_dtype(config.dtype),
+        has_classifier=int(config.student.get("num_classes", 0) or 0) > 0,
+        has_teacher=bool(method.NEEDS_TEACHER))
+
+
+def eval_model(method: Any, ctx: dict, config: Any, state: dict, teacher_vars: Any,
+               dtype: Any) -> Any:
+    """The student of `state` as an `eval.Model`: its outputs, the student-teacher pair
+    (distillation monitors; the method's queue rides along) and the exported encoder."""
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    if teacher_vars is not None:
+        variables["teacher"] = teacher_vars
+        if "queue" in state:
+            variables["queue"] = state["queue"]["feats"]
+
+    def own(v: dict) -> dict:
+        return {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+    def fn(v: dict, x: jax.Array) -> dict:
+        out = method.eval_outputs(ctx, own(v), data.normalize(x, out_dtype=dtype))
+        return {k: a.astype(jnp.float32) for k, a in out.items()}
+
+    def pair(v: dict, x: jax.Array) -> dict:
+        x = data.normalize(x, out_dtype=dtype)
+        s = method.eval_outputs(ctx, own(v), x)["embedding"]
+        t = ctx["teacher"].apply(v["teacher"], x, train=False)["embedding"]
+        return {"student": s.astype(jnp.float32), "teacher": t.astype(jnp.float32)}
+
+    def encoder() -> tuple[Any, dict, dict]:
+        host = jax.tree_util.tree_map(sharding.to_host, own(variables))
+        host, manifest = method.export(config, host)
+        return models.build_encoder(manifest, dtype), host, manifest
+
+    return evaluation.Model(
+        fn=fn, variables=variables, mesh=ctx["mesh"], step=int(state["step"]),
+        pair=pair if teacher_vars is not None else None, encoder=encoder,
+        has_classifier=int(config.student.get("num_classes", 0) or 0) > 0,
+        tag=f"{config.method}@{int(state['step'])}")
+
+
+class Progress(periodic_actions.ReportProgress):
+    """clu's ReportProgress as the one source of steps/s and ETA: it triggers at the log
+    steps, and the loop's log line and metrics.jsonl read the figures it computed."""
+
+    def __init__(self, *, num_train_steps: int, every_steps: int):
+        super().__init__(num_train_steps=num_train_steps, every_steps=every_steps,
+                         every_secs=None)
+        self.steps_per_sec: float | None = None
+        self.eta_seconds: float | None = None
+
+    def _apply(self, step: int, t: float) -> None:
+        self.steps_per_sec = (step - self._previous_step) / max(t - self._previous_time, 1e-9)
+        self.eta_seconds = (self._num_train_steps - step) / max(self.steps_per_sec, 1e-9)
+        # clu's own writer call is skipped: the loop writes steps_per_sec once, with the rest.
 
 
 class MetricsLog:
@@ -128,13 +194,6 @@ class MetricsLog:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: optim.Schedule,
@@ -216,8 +275,11 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
 # --------------------------------------------------------------------------- run
 
 
-def run(config: mlc.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) one method in `workdir`, evaluate, export; return the results dict."""
+def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict:
+    """Train (or resume) one method in `workdir`, evaluate, export; return the results dict.
+
+    `extra_actions`: more periodic work, `action(step, state)` called after every step (tests
+    use it to send signals or inspect the state at a step)."""
     method = methods.get(config.method)
     mesh = sharding.make_mesh(config.mesh.num_devices)
     source, teacher_manifest = validate(config, method, mesh)
@@ -344,42 +406,27 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         donate_argnums=(0,),
     )
 
-    # ---- evaluation of the frozen backbone.
-    feature_fn = jax.jit(
-        lambda v, x: method.eval_features(ctx, v, data.normalize(x, out_dtype=dtype)).astype(
-            jnp.float32
-        ),
-        out_shardings=repl,
-    )
+    # ---- evaluators (config.evals): handed a Model, never called from here directly.
+    suite = evaluation.Suite(config.evals if config.eval.enabled else {},
+                             eval_env(config, method, mesh, workdir),
+                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    def features(state: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = data.eval_dataset(
-            source, split=split, image_size=size,
-            local_batch=config.eval.batch_size // jax.process_count(),
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        return evaluation.extract(functools.partial(feature_fn, variables), ds, mesh)
+    def model_of(state: dict) -> Any:
+        return eval_model(method, ctx, config, state, teacher_vars, dtype)
 
-    def evaluate(state: dict, linear: bool) -> dict[str, float]:
-        train_f, train_y = features(state, config.data.train_split)
-        test_f, test_y = features(state, config.data.eval_split)
-        out = {"knn_top1": evaluation.knn_accuracy(
-            train_f, train_y, test_f, test_y, num_classes=source.num_classes,
-            k=config.eval.knn_k, temp=config.eval.knn_temp)}
-        if linear:
-            out["linear_top1"] = evaluation.linear_probe(
-                train_f, train_y, test_f, test_y, num_classes=source.num_classes,
-                epochs=config.eval.linear_epochs, lr=config.eval.linear_lr,
-                batch_size=config.eval.linear_batch_size, seed=config.seed)
-        return out
-
-    # ---- the loop.
+    # ---- the loop. Periodic work is a list of actions `(step, state) -> None`.
     metrics_log = MetricsLog(workdir)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                             writer=metrics_log.writer,
-                                             every_steps=config.log_every_steps)
+    progress = Progress(num_train_steps=total_steps, every_steps=config.log_every_steps)
     end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
+
+    def periodic_evals(step: int, state: dict) -> None:
+        due = suite.due(step)
+        if due:
+            with progress.timed("eval"):
+                records = suite.run_all(model_of(state), due)
+            metrics_log.write(step, evaluation.flat(records))
+
+    actions = [periodic_evals, *extra_actions]
     batches = data.global_iterator(ds, mesh)
     guard = resilience.NonFiniteGuard(config.get("nonfinite", "stop"))
     preemption = resilience.Preemption()
@@ -388,16 +435,20 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     signal_at = os.environ.get("DISCO_JAX_TEST_SIGNAL_AT_STEP", "")
     signal_step, _, signal_num = signal_at.partition(":")
     preempted = False
-    t0, t_last, step_last = time.time(), time.time(), start_step
+    t0 = time.time()
+    log.info("compiling the train step (the first step includes it)")
     try:
         for step in range(start_step + 1, end_step + 1):
             batch = next(batches)
             state, metrics = step_fn(state, batch, teacher_vars)
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                log.info("first step done in %.1f s (compile included)", time.time() - t0)
             distributed.note_step(step)  # named in the message if a peer process dies
             guard.add(step, metrics)
             if signal_at and step == int(signal_step):
                 os.kill(os.getpid(), int(signal_num))
-            report(step, time.time())
+            progress(step, time.time())
             is_log = step % config.log_every_steps == 0 or step == end_step
             # Multi-process agreement on a preemption costs a collective: only at log steps.
             preempted = (jax.process_count() == 1 or is_log) and preemption.should_stop(step)
@@ -406,20 +457,17 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
             if is_log:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
                            if k != "finite"}
-                now = time.time()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                scalars["steps_per_sec"] = rate
+                rate = progress.steps_per_sec
+                if rate is not None:
+                    scalars["steps_per_sec"] = rate
                 metrics_log.write(step, scalars)
-                log.info("step %d/%d loss %.4f lr %.4g | %.2f steps/s, %.0f img/s, ETA %s",
-                         step, total_steps, scalars["loss"], scalars["lr"], rate,
-                         rate * config.batch_size,
-                         format_eta((total_steps - step) / max(rate, 1e-9)))
-            every = config.eval_every_steps
-            if every > 0 and step % every == 0 and step < end_step:
-                knn = evaluate(state, linear=False)
-                metrics_log.write(step, knn)
-                log.info("step %d kNN top-1 %.2f%%", step, knn["knn_top1"])
+                eta = "" if rate is None else (
+                    f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} img/s, ETA"
+                    f" {evaluation.common.format_eta(progress.eta_seconds)}")
+                log.info("step %d/%d loss %.4f lr %.4g%s", step, total_steps, scalars["loss"],
+                         scalars["lr"], eta)
+            for action in actions:
+                action(step, state)
             checkpoint.save(mngr, step, state, meta, force=step == end_step or preempted)
             if preempted:
                 break
@@ -444,21 +492,50 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         variables = jax.tree_util.tree_map(sharding.to_host, variables)
         variables, manifest = method.export(config, variables)
+        seen = {"name": config.data.name, "image_size": int(config.data.image_size),
+                "train_split": config.data.train_split, "eval_split": config.data.eval_split}
         # Every process: orbax's save synchronises them (process 0 alone would wait forever).
         checkpoint.save_encoder(
             os.path.join(workdir, "encoder"), variables,
-            manifest | {"source": "disco_jax", "method": config.method, "step": final_step},
+            manifest | {"source": "disco_jax", "method": config.method, "step": final_step,
+                        "data": seen},
         )
-        if config.eval.enabled:
+        names = suite.at_end()
+        if names:
             t_eval = time.time()
-            results.update(evaluate(state, linear=True))
+            records = suite.run_all(model_of(state), names)
             results["eval_seconds"] = round(time.time() - t_eval, 1)
-            metrics_log.write(final_step, {k: results[k] for k in ("knn_top1", "linear_top1")})
-            log.info("final: kNN top-1 %.2f%%, linear top-1 %.2f%%",
-                     results["knn_top1"], results["linear_top1"])
+            results["evals"] = evaluation.flat(records)
+            results.update(_headline(results["evals"]))
+            metrics_log.write(final_step, results["evals"])
+            if is_main:
+                evaluation.records.write(workdir, records, {
+                    "encoder": os.path.join(workdir, "encoder"), "model": config.student.model,
+                    "data": seen, "step": final_step})
         if is_main:
             with open(os.path.join(workdir, "results.json"), "w") as f:
                 json.dump(results, f, indent=2)
     metrics_log.close()
     mngr.close()
+    if is_main and final_step >= total_steps:
+        _plot_curves(workdir)
     return results
+
+
+def _headline(flat: dict[str, float]) -> dict[str, float]:
+    """`knn_top1` / `linear_top1`: the kNN (its headline k) and quick-probe top-1, for tables."""
+    out = {}
+    for key, name in (("knn/top1", "knn_top1"), ("linear_fast/top1", "linear_top1")):
+        if key in flat:
+            out[name] = flat[key]
+    return out
+
+
+def _plot_curves(workdir: str) -> None:
+    """W/plots/curves.png; a plotting problem must not fail a finished run."""
+    from disco_jax import plot
+
+    try:
+        log.info("plot: %s", plot.curves(workdir))
+    except Exception as e:  # noqa: BLE001 -- matplotlib/fonts/disk: report and go on
+        log.warning("could not draw the training curves: %s", e)

@@ -44,6 +44,13 @@ def _set(cfg, key, value):
         ("nonfinite", "ignore", r"nonfinite must be 'stop' or 'skip', got 'ignore'"),
         ("data.num_shards", 3, r"data.num_shards=3 must be a positive multiple"),
         ("data.bad_images", "keep", r"data.bad_images must be 'error' or 'skip'"),
+        # An evaluator setting is validated with the rest (a negative kNN temperature used to
+        # be accepted and silently inverted the vote).
+        ("evals.knn.temp", -1.0, r"evals.knn.temp must be positive"),
+        ("evals.knn_online.k", 0, r"every k must be a positive integer, got 0"),
+        ("evals.linear_fast.epochs", 0, r"evals.linear_fast.epochs must be a positive integer"),
+        ("evals.knn.type", "knm", r"unknown evaluator 'knm'; valid evaluators: agreement,"),
+        ("evals.agree.pred", "student", r"evals.agree: the agreement monitor needs pred='pair'"),
     ],
 )
 def test_bad_input_gives_one_clear_error(cfg, tmp_path, key, value, message):

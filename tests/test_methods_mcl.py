@@ -74,6 +74,11 @@ def test_smoke_config_runs_end_to_end_and_8_devices_equal_1(tmp_path, data_dir, 
     cfg.log_every_steps = 1
     results = train.run(cfg, str(tmp_path / "a8"))
     assert results["step"] == 4 and np.isfinite(results["linear_top1"])
+    if "classifier" in cfg.evals:  # the supervised forms: every network's own top-1
+        ev = results["evals"]
+        nets = [ev[f"classifier/net{i}_top1"] for i in range(cfg.loss.num_nets)]
+        assert ev["classifier/top1"] == max(nets) and 0 <= ev["classifier/ensemble_top1"] <= 100
+        assert ev["classifier/net0_top5"] >= ev["classifier/net0_top1"]
     cfg1 = load_config(f"{name}:smoke", data_dir)
     cfg1.mesh.num_devices, cfg1.eval.enabled = 1, False
     cfg1.log_every_steps, cfg1.stop_at_step = 1, 2

@@ -453,3 +453,47 @@ def with_extra(base: DataSource, split: str, extra: Any, data_dir: str | None) -
     return MixedSource(name=f"{base.name}+extra", num_classes=base.num_classes,
                        splits=base.splits, _read=base._read, _decode=decode, split=split,
                        parts=tuple(parts), order=order)
+
+
+# ---------------------------------------------------------------------------------------------
+# A fixed subset of one split (semi-supervised evaluation on data without official subsets).
+
+
+def split_labels(source: DataSource, split: str) -> np.ndarray:
+    """The labels of every example of `split`, in the source's fixed order (no decode)."""
+    ds = source.dataset(split, 0, 1, drop_remainder=False, decode=False)
+    return np.fromiter((int(ex["label"]) for ex in ds.as_numpy_iterator()), np.int64)
+
+
+def per_class_subset(labels: np.ndarray, fraction: float = 0.0, per_class: int = 0,
+                     seed: int = 0) -> np.ndarray:
+    """Sorted positions of a class-balanced subset: `per_class` examples of each class, or
+    max(1, round(fraction * n_c)) of a class with n_c examples; drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = per_class if per_class > 0 else max(1, int(round(fraction * len(members))))
+        picked.append(rng.permutation(members)[: min(n, len(members))])
+    return np.sort(np.concatenate(picked))
+
+
+def subset(source: DataSource, split: str, ids: np.ndarray, new_split: str) -> DataSource:
+    """`source` with one more split, `new_split`: the examples of `split` at positions `ids`.
+
+    The subset streams through the full split and keeps the chosen positions (cheap for the
+    small data this is meant for; ImageNet has TFDS's own `imagenet2012_subset`)."""
+    ids = np.asarray(sorted(int(i) for i in ids), np.int64)
+    keep = np.zeros(source.num_examples(split), bool)
+    keep[ids] = True
+    keep_t = tf.constant(keep)
+
+    def read(s: str, start: int, end: int, decode: bool) -> tf.data.Dataset:
+        if s != new_split:
+            return source._read(s, start, end, decode)
+        ds = source._read(split, 0, source.num_examples(split), decode)
+        ds = ds.enumerate().filter(lambda i, ex: tf.gather(keep_t, i)).map(lambda i, ex: ex)
+        return ds.skip(start).take(end - start)
+
+    return dataclasses.replace(source, splits={**source.splits, new_split: len(ids)},
+                               _read=read)

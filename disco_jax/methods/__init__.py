@@ -22,8 +22,10 @@ Optional (the defaults below apply when a module does not define them):
 - `build_teacher(manifest, dtype) -> nn.Module`: the frozen teacher from its manifest;
 - `init_extra(config, rng, student_vars, ctx) -> dict` ({}): extra train-state entries
   (queues, momentum encoders, banks), traced inside the jitted, sharded initialisation;
-- `eval_features(ctx, variables, images) -> (N, d)`: what kNN / linear evaluation sees
-  (default: the student's pooled backbone features);
+- `eval_outputs(ctx, variables, images) -> dict`: what evaluators see, in inference mode:
+  `features` (pooled backbone; kNN and probes), `embedding`, and `logits` (N, C) or, for a
+  cohort, `logits_nets` (M, N, C) when the network classifies (default: the student's
+  `features`, `embedding` and `logits` if it has them);
 - `export(config, variables) -> (variables, manifest)`: what is written to `W/encoder`.
 
 `ctx` is a dict of static things the trainer builds: `student` / `teacher` modules,
@@ -88,8 +90,9 @@ def _init_extra(config: Any, rng: Any, student_vars: dict, ctx: dict) -> dict:
     return {}
 
 
-def _eval_features(ctx: dict, variables: dict, images: Any) -> Any:
-    return ctx["student"].apply(variables, images, train=False)["features"]
+def _eval_outputs(ctx: dict, variables: dict, images: Any) -> dict:
+    out = ctx["student"].apply(variables, images, train=False)
+    return {k: out[k] for k in ("features", "embedding", "logits") if k in out}
 
 
 def _export(config: Any, variables: dict) -> tuple[dict, dict]:
@@ -104,7 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "build_student": _build_student,
     "build_teacher": _build_teacher,
     "init_extra": _init_extra,
-    "eval_features": _eval_features,
+    "eval_outputs": _eval_outputs,
     "export": _export,
 }
 

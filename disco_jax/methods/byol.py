@@ -113,10 +113,6 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     return loss, ({"tau": tau}, updates)
 
 
-def eval_features(ctx: dict, variables: dict, images: jax.Array) -> jax.Array:
-    return ctx["student"].apply(variables, images, train=False)["features"]
-
-
 def export(config: Any, variables: dict) -> tuple[dict, dict]:
     """The online encoder (backbone + projector) alone, loadable as any encoder directory."""
     from disco_jax.methods import encoder_manifest  # here: the registry imports this module

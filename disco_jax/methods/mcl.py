@@ -19,8 +19,9 @@ the CIFAR code; M = 2 both nets, M > 2 the last net only].
 one stem (conv1 + layer1 on CIFAR, conv1 ... layer2 on ImageNet ResNets) shared by M branches.
 
 BN is global-batch under jit (the official code is per-GPU DataParallel BN; shuffle-BN for the
-MoCo keys). Evaluation and export use network 0 alone (a plain encoder); the official code
-reports every network and picks the best epoch on the test set, which is not reproduced.
+MoCo keys). kNN, probes and export use network 0 alone (a plain encoder); the `classifier`
+evaluator reports every network's top-1/top-5 and the best one, as the official code does (its
+CIFAR script also keeps the best epoch on the test set, which is not reproduced).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from disco_jax.errors import ConfigError
 from disco_jax.methods.common import check_positive, student_forward
 from disco_jax.models.cohort import (
     build_cohort,
-    plain_encoder,
     plain_variables,
     shared_stem_stages,
 )
@@ -253,10 +253,14 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
 # ------------------------------------------------------------------------------ eval / export
 
 
-def eval_features(ctx: dict, variables: dict, images: jax.Array) -> jax.Array:
-    """Network 0's pooled backbone features (the peers are evaluated the same way by export)."""
-    encoder = plain_encoder(ctx["student"], 0)
-    return encoder.apply(plain_variables(variables, 0), images, train=False)["features"]
+def eval_outputs(ctx: dict, variables: dict, images: jax.Array) -> dict:
+    """Network 0's features and embedding (kNN, probes, export) and every network's logits
+    (`logits_nets`, (M, N, C)): MCL reports each network's top-1 and the best of them."""
+    out = ctx["student"].apply(variables, images, train=False)
+    res = {"features": out["features"], "embedding": out["embedding"][0]}
+    if "logits" in out:
+        res["logits"], res["logits_nets"] = out["logits"][0], out["logits"]
+    return res
 
 
 def export(config: Any, variables: dict) -> tuple[dict, dict]:
