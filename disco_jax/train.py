@@ -1,7 +1,9 @@
 """The one training loop: any method, any student/teacher, one mesh.
 
 Read top to bottom: validate -> workdir -> mesh & data -> models -> state (created sharded) ->
-restore -> jitted step -> loop (log, checkpoint, kNN) -> final evaluation and export.
+restore -> jitted step -> loop (log, checkpoint, periodic actions such as the evaluators of
+`config.evals`) -> export and the final evaluators. Evaluation code is never called here: the
+loop hands an `eval.Model` to `eval.Suite`.
 Nothing here branches on the method's name; methods plug in through `disco_jax.methods`.
 """
 

@@ -365,3 +365,28 @@ def test_semi_on_imagenet_uses_the_tfds_subset(encoder, tmp_path):
     assert rec["metrics"]["labelled"] == 16 and 0 <= rec["metrics"]["top1"] <= 100
     with pytest.raises(ConfigError, match="subset '2pct' does not exist"):
         evaluation.validate(mlc.ConfigDict({"e": evaluation.block("semi", subset="2pct")}), env)
+
+
+def test_long_protocol_preempted_by_sigterm_resumes_exactly(encoder, data_dir, tmp_path,
+                                                            monkeypatch):
+    import signal
+
+    model = make_model(encoder)
+    entry = evaluation.block("linear", epochs=1, probe_batch_size=64, lr=0.1,
+                             checkpoint_every_steps=100)
+    straight = run_entry(entry, make_env(data_dir, tmp_path / "s"), model)
+    real = common.Progress.update
+
+    def update(self, n=1):  # a preemption notice right after step 3
+        real(self, n)
+        if self.desc.endswith("training") and self.done == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(common.Progress, "update", update)
+    env = make_env(data_dir, tmp_path / "p")
+    with pytest.raises(linear.Preempted) as e:
+        run_entry(entry, env, model)
+    assert e.value.step == 3
+    assert max(int(s) for s in os.listdir(tmp_path / "p" / "e" / "checkpoints")) == 3
+    monkeypatch.undo()
+    assert run_entry(entry, env, model)["metrics"] == straight["metrics"]

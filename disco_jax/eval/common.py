@@ -170,15 +170,17 @@ class Progress:
             sys.stderr.flush()
         if now - self._last >= self.every_s and self.done < self.total:
             self._last = now
-            log.info("%s: %d/%d %s(es), %.1f/s, ETA %s", self.desc, self.done, self.total,
-                     self.unit, self.done / max(now - self.t0, 1e-9), format_eta(self.eta()))
+            rate = self.done / max(now - self.t0, 1e-9)
+            speed = f"{rate:.3g} {self.unit}/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}"
+            log.info("%s: %d/%d, %s, ETA %s", self.desc, self.done, self.total, speed,
+                     format_eta(self.eta()))
 
     def close(self) -> None:
         if self._quiet:
             return
         if self._bar:
             sys.stderr.write("\n")
-        log.info("%s: done, %d %s(es) in %.1f s", self.desc, self.done, self.unit,
+        log.info("%s: done, %d %s(s) in %.1f s", self.desc, self.done, self.unit,
                  time.time() - self.t0)
 
 
