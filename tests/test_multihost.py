@@ -45,8 +45,13 @@ def free_port_pair() -> int:
 
 def start(config_file: str, workdir: str, port: int, pid: int, *flags: str,
           devices: int = 2, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": ROOT,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    # This process's XLA flags (conftest: optimisation level 0) with another device count: the
+    # per-device programs then compute as the in-process reference's do, and the runs differ
+    # only in how the cross-process all-reduce sums.
+    xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+    xla_flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(xla_flags), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "disco_jax.main", f"--config={config_file}",
          f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
@@ -74,6 +79,12 @@ def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
     # Meanwhile, the reference in this process: 1 process x 4 devices, same global batch.
     single = str(tmp_path / "single")
     train.run(tiny_config(data_dir, teacher, **{"data.num_shards": 2}), single)
+    # And the same run on 1 device: the same math (global BN, batch-mean gradients), its float32
+    # sums in another order. Its distance from the 4-device run is this CPU's reduction-order
+    # noise, measured here rather than copied from one machine.
+    one = str(tmp_path / "one")
+    train.run(tiny_config(data_dir, teacher, **{"data.num_shards": 2, "mesh.num_devices": 1}),
+              one)
     outs = [p.communicate(timeout=540) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -85,21 +96,32 @@ def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     # Process 0 alone writes metrics and results; both wrote the checkpoint (orbax).
-    la = [(r["step"], r["loss"]) for r in read_metrics(single)]
-    lb = [(r["step"], r["loss"]) for r in read_metrics(multi)]
-    assert [s for s, _ in la] == [s for s, _ in lb] == [2, 4, 6]
-    np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=1e-6, atol=1e-6)
+    # Not bitwise: the cross-process all-reduce (gloo) sums in another order than the
+    # in-process one. The 2-process run must lie within 4x the 1-device vs 4-device noise: both
+    # are reorderings of the same float32 sums, and the 1-device run reorders more of them (its
+    # kernels see 8 images, not 2), so its distance is the larger scale; 4 covers the spread of
+    # two such distances. The floor is one float32 rounding per entry, should the noise be 0.
+    # A sharding or data bug (a process reading the wrong shard, per-process BN statistics,
+    # gradients not averaged across processes) moves these by percents.
+    eps = float(np.finfo(np.float32).eps)
+    la, lb, lc = ([(r["step"], r["loss"]) for r in read_metrics(w)] for w in (single, multi, one))
+    assert [s for s, _ in la] == [s for s, _ in lb] == [s for s, _ in lc] == [2, 4, 6]
+    la, lb, lc = (np.array([v for _, v in x]) for x in (la, lb, lc))
+    # The losses are scalars: the largest of their 3 noise samples sets their scale.
+    loss_noise = np.abs(la - lc).max() + eps * np.abs(la).max()
+    assert np.abs(la - lb).max() <= 4 * loss_noise, (la, lb, lc)
     step_a, a = saved_state(single)
     step_b, b = saved_state(multi)
-    assert step_a == step_b == TOTAL_STEPS
-    # Not bitwise: the cross-process all-reduce (gloo) sums in another order than the
-    # in-process one (losses differ by ~1e-7 relative). A sharding or data bug (a process
-    # reading the wrong shard, per-process BN statistics) moves these by percents.
+    step_c, c = saved_state(one)
+    assert step_a == step_b == step_c == TOTAL_STEPS
     for key in ("params", "batch_stats", "queue", "opt_state"):
-        flat_a = np.concatenate([np.ravel(x) for x in _leaves(a[key])])
-        flat_b = np.concatenate([np.ravel(x) for x in _leaves(b[key])])
-        rel = np.linalg.norm(flat_a - flat_b) / np.linalg.norm(flat_a)
-        assert rel < 1e-5, f"{key}: relative L2 difference {rel:.2e}"
+        flat_a, flat_b, flat_c = (np.concatenate([np.ravel(x) for x in _leaves(st[key])]).astype(
+            np.float64) for st in (a, b, c))
+        ref = np.linalg.norm(flat_a)
+        diff = np.linalg.norm(flat_a - flat_b)
+        noise = np.linalg.norm(flat_a - flat_c) + eps * ref
+        assert diff <= 4 * noise, (f"{key}: relative L2 difference {diff / ref:.2e}, 1- vs"
+                                   f" 4-device noise {noise / ref:.2e}")
 
 
 def _leaves(tree):
