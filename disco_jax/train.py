@@ -172,9 +172,15 @@ class Progress(periodic_actions.ReportProgress):
                          every_secs=None)
         self.steps_per_sec: float | None = None
         self.eta_seconds: float | None = None
+        self._paused_before = 0.0
 
     def _apply(self, step: int, t: float) -> None:
-        self.steps_per_sec = (step - self._previous_step) / max(t - self._previous_time, 1e-9)
+        # Time inside `timed(...)` blocks (periodic evaluations) is not training time: leave it
+        # out of the rate, so an evaluation does not make the next ETA jump.
+        paused = sum(self._time_per_part.values())
+        train_s = (t - self._previous_time) - (paused - self._paused_before)
+        self._paused_before = paused
+        self.steps_per_sec = (step - self._previous_step) / max(train_s, 1e-9)
         self.eta_seconds = (self._num_train_steps - step) / max(self.steps_per_sec, 1e-9)
         # clu's own writer call is skipped: the loop writes steps_per_sec once, with the rest.
 
@@ -424,7 +430,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
     def periodic_evals(step: int, state: dict) -> None:
         due = suite.due(step)
         if due:
-            with progress.timed("eval"):
+            with progress.timed("eval", wait_jax_async_dispatch=False):
                 records = suite.run_all(model_of(state), due)
             metrics_log.write(step, evaluation.flat(records))
 
