@@ -51,12 +51,8 @@ def agreement_metrics(student: np.ndarray, teacher: np.ndarray,
     return out
 
 
-class Evaluator:
-    def __init__(self, cfg: Any, env: Any, name: str):
-        self.cfg, self.env = cfg, env
-        _, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.test_split,))
-        self.size = common.image_size(cfg, env)
+class Evaluator(common.Evaluator):
+    NEEDS_TRAIN = False
 
     def run(self, model: common.Model) -> dict[str, float]:
         out = common.extract(model, self.source, self.test_split, size=self.size,

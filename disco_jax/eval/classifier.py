@@ -48,12 +48,8 @@ def cohort_metrics(logits_nets: np.ndarray, labels: np.ndarray) -> dict[str, flo
     return out
 
 
-class Evaluator:
-    def __init__(self, cfg: Any, env: Any, name: str):
-        self.cfg, self.env = cfg, env
-        _, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.test_split,))
-        self.size = common.image_size(cfg, env)
+class Evaluator(common.Evaluator):
+    NEEDS_TRAIN = False
 
     def run(self, model: common.Model) -> dict[str, float]:
         probe = model.predict(_probe_batch(model, self.size))

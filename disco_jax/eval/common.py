@@ -132,6 +132,22 @@ def get_source(cfg: Any, env: Env, need: Iterable[str] = ()) -> Any:
     return source
 
 
+class Evaluator:
+    """What every evaluator keeps: its entry, the run's facts, and its data, built once.
+
+    Subclasses define `run(model) -> metrics`; `NEEDS_TRAIN = False` for those that read the
+    test split only."""
+
+    NEEDS_TRAIN = True
+
+    def __init__(self, cfg: Any, env: Env, name: str):
+        self.cfg, self.env, self.name = cfg, env, name
+        self.train_split, self.test_split = splits(cfg, env)
+        need = (self.train_split, self.test_split) if self.NEEDS_TRAIN else (self.test_split,)
+        self.source = get_source(cfg, env, need)
+        self.size = image_size(cfg, env)
+
+
 # --------------------------------------------------------------------------- progress
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from disco_jax.errors import ConfigError
+from disco_jax.eval import common
 from disco_jax.losses import l2_normalize
 from disco_jax.sharding import DATA, make_mesh
 
@@ -395,8 +396,6 @@ DEFAULTS = {"ks": (10, 20, 100, 200), "k": 20, "temp": 0.07, "chunk": 1024,
 
 
 def validate(cfg: Any, env: Any, where: str) -> None:
-    from disco_jax.eval import common
-
     if not cfg.temp > 0:
         raise ConfigError(f"{where}.temp must be positive (the vote weight is exp(sim / temp)),"
                           f" got {cfg.temp}")
@@ -408,20 +407,10 @@ def validate(cfg: Any, env: Any, where: str) -> None:
     common.get_source(cfg, env, common.splits(cfg, env))
 
 
-class Evaluator:
+class Evaluator(common.Evaluator):
     """Weighted kNN of the test split against the train split's features, bank on the mesh."""
 
-    def __init__(self, cfg: Any, env: Any, name: str):
-        from disco_jax.eval import common
-
-        self.cfg, self.env = cfg, env
-        self.train_split, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.train_split, self.test_split))
-        self.size = common.image_size(cfg, env)
-
     def run(self, model: Any) -> dict[str, float]:
-        from disco_jax.eval import common
-
         cfg = self.cfg
         tr = common.cached_features(self.env, model, self.source, self.train_split, self.size,
                                     cfg.train_limit)

@@ -300,12 +300,9 @@ def _zeros(model: common.Model, size: int) -> jax.Array:
     return jax.device_put(jnp.zeros((n, size, size, 3), jnp.uint8), sh)
 
 
-class Evaluator:
+class Evaluator(common.Evaluator):
     def __init__(self, cfg: Any, env: Any, name: str):
-        self.cfg, self.env, self.name = cfg, env, name
-        self.train_split, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.train_split, self.test_split))
-        self.size = common.image_size(cfg, env)
+        super().__init__(cfg, env, name)
         self.training = Training(name, os.path.join(env.workdir, name), self.source,
                                  self.train_split, cfg, env, self.size)
 

@@ -105,14 +105,8 @@ def validate(cfg: Any, env: Any, where: str) -> None:
     common.get_source(cfg, env, common.splits(cfg, env))
 
 
-class Evaluator:
+class Evaluator(common.Evaluator):
     """top1 / top5 of the cached-feature probe on the test split."""
-
-    def __init__(self, cfg: Any, env: Any, name: str):
-        self.cfg, self.env = cfg, env
-        self.train_split, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.train_split, self.test_split))
-        self.size = common.image_size(cfg, env)
 
     def run(self, model: common.Model) -> dict[str, float]:
         cfg = self.cfg

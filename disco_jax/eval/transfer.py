@@ -72,13 +72,7 @@ def select_and_fit(tr_x, tr_y, va_x, va_y, te_x, te_y, *, num_classes: int, grid
     return {**out, "val_top1": float(val[best]), "best_c": float(grid[best])}
 
 
-class Evaluator:
-    def __init__(self, cfg: Any, env: Any, name: str):
-        self.cfg, self.env, self.name = cfg, env, name
-        self.train_split, self.test_split = common.splits(cfg, env)
-        self.source = common.get_source(cfg, env, (self.train_split, self.test_split))
-        self.size = common.image_size(cfg, env)
-
+class Evaluator(common.Evaluator):
     def _features(self, model: common.Model, split: str, limit: int = 0) -> dict:
         return common.extract(model, self.source, split, size=self.size,
                               batch_size=self.env.batch_size, limit=limit)
