@@ -29,15 +29,25 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval",
                                "protocols.py")
-# Default None: with a default file, ml_collections would apply `--config.x` overrides while
-# this module is imported, before our one-line error handling exists; `__main__` inserts it.
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config file (default:"
-                                          " disco_jax/eval/protocols.py).", lock_config=True)
-_ENCODER = flags.DEFINE_string("encoder", None, "Encoder directory to evaluate.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (or a finished training run"
-                               " whose encoder is evaluated).")
-_TEACHER = flags.DEFINE_string("teacher", None, "Optional teacher encoder directory: student vs"
-                               " teacher similarity plot and agreement evaluators.")
+_FLAGS: dict = {}
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when this module runs as the program, so that
+    importing it (tests, other tools) never clashes with disco_jax.main's `--config`."""
+    # Default None: with a default file, ml_collections would apply `--config.x` overrides at
+    # definition time, before our one-line error handling exists; `__main__` inserts it.
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Evaluation config file (default: disco_jax/eval/protocols.py).",
+        lock_config=True)
+    _FLAGS["encoder"] = flags.DEFINE_string("encoder", None, "Encoder directory to evaluate.")
+    _FLAGS["workdir"] = flags.DEFINE_string(
+        "workdir", None, "Output directory (or a finished training run whose encoder is"
+        " evaluated).")
+    _FLAGS["teacher"] = flags.DEFINE_string(
+        "teacher", None, "Optional teacher encoder directory: student vs teacher similarity"
+        " plot and agreement evaluators.")
+
 
 log = logging.getLogger("disco_jax")
 
@@ -254,9 +264,10 @@ def main(argv: list[str]) -> None:
 
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(QuietLibraries())
-    config = _CONFIG.value
+    config = _FLAGS["config"].value
     try:
-        prepared = prepare(config, _ENCODER.value, _WORKDIR.value, _TEACHER.value)
+        prepared = prepare(config, _FLAGS["encoder"].value, _FLAGS["workdir"].value,
+                           _FLAGS["teacher"].value)
         results = evaluate(config, prepared)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -280,5 +291,6 @@ def _with_default_config(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     from disco_jax.cli import parse_flags
 
+    define_flags()
     sys.argv = _with_default_config(sys.argv)
     app.run(main, flags_parser=parse_flags)

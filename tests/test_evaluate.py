@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from disco_jax import evaluate, train
+from disco_jax import main as _train_cli  # noqa: F401 -- both CLIs import in one process
 from disco_jax.errors import ConfigError
 from tests.helpers import ROOT, load_config
 
