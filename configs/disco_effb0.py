@@ -19,9 +19,10 @@ is distill_weight * sum_n D_n, so distill_weight = 1/G = B_local / B_global = 1/
 distill_weight * batch_size = B_local: at another global batch B with the official 32 images
 per GPU, use distill_weight = 32 / B.
 
-BN: `key_bn="shuffle"` with `bn_groups=8` gives the official shuffle-BN over 8 x 32 images on
-any device count; `teacher_bn="train"` uses batch statistics (global under jit; "per_device"
-gives the official per-GPU statistics of 32 images, "eval" the running statistics).
+BN as on the official 8 GPUs, on any device count: `bn_group_size=32` normalises the student
+(both forwards) and the train-mode teacher over groups of 32 images, `key_bn="shuffle"` is
+MoCo's shuffle-BN over those groups (`bn_group_size=0`: global-batch BN; `teacher_bn="eval"`:
+the teacher's running statistics).
 
     python -m disco_jax.main --config configs/disco_effb0.py --workdir runs/disco_effb0 \\
         --config.teacher.init=runs/moco_v2_r50/encoder
@@ -35,8 +36,7 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, teacher="resnet50")
-    c = config_lib.base_config()
-    c.method = "disco"
+    c = config_lib.base_config("disco")
     config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
@@ -49,13 +49,13 @@ def get_config(arg: str | None = None):
     c.loss.distill_weight = 1.0 / 8  # = B_local / B_global of the official 8 x 32 run
     c.loss.teacher_bn = "train"
     c.loss.key_bn = "shuffle"
-    c.loss.bn_groups = 8  # the official 8 GPUs
+    c.loss.bn_group_size = 32  # the official 8 GPUs x 32 images
     c.queue_size = 65536
     c.batch_size = 256
     c.total_epochs = 200
     c.optimizer.warmup_epochs = 0.0
     if args.smoke:
         c = config_lib.smoke(c)
-        c.loss.bn_groups = 4  # 4 images per BN group at batch 16
+        c.loss.bn_group_size = 4  # 4 BN groups of 4 images at batch 16
         c.teacher.init = ""  # tests point it at a smoke teacher
     return c

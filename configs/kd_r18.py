@@ -21,8 +21,7 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, kind="cosine")
-    c = config_lib.base_config()
-    c.method = "kd"
+    c = config_lib.base_config("kd")
     config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"

@@ -5,9 +5,10 @@ MCL(x4) 74.04 (4 branches on one shared conv1 + layer1 stem, `loss.shared_stem`,
 ``resnet32_b``; the stem is shared whenever m >= 3). methods.md §4.1, §4.5, §4.6.
 Recipe: 2 independent ResNet-32 with classifier and Embed head (64->128->128), tau 0.1, KL T=3,
 alpha/gamma/beta/lambda 0.1/1/0.1/1, class sampler 2 per class, SGD Nesterov 0.9, lr 0.1,
-wd 5e-4, batch 128, 300 epochs, cosine per epoch. Deviation: RandomCrop(32, pad 4) is
-approximated by a random-resized crop of scale (0.6, 1) (the pipeline has no pad-crop); no
-colour augmentation. Evaluation: network 0 (kNN / linear on its features).
+wd 5e-4, batch 128, 300 epochs, cosine per epoch. Data as `main_cifar.py`: RandomCrop(32,
+padding=4) (zero fill) + horizontal flip, no colour augmentation, CIFAR-100 mean/std
+(0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761) for training and test images (which are
+not resized or cropped). Evaluation: network 0 (kNN / linear on its features).
 
     python -m disco_jax.main --config configs/mcl_cifar_resnet32x2.py --workdir runs/mcl_r32x2
 
@@ -16,6 +17,7 @@ Variants: `:smoke` (width 0.25, digits, 4 steps; what the tests run), `logit_dis
 """
 
 from disco_jax import config_lib
+from disco_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD
 from disco_jax.eval import block
 from disco_jax.methods.mcl import loss_config
 
@@ -23,12 +25,14 @@ from disco_jax.methods.mcl import loss_config
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, logit_distill=False, nets=2, m=0)
     m = args.m or args.nets
-    c = config_lib.base_config()
-    c.method = "mcl"
+    c = config_lib.base_config("mcl")
     c.evals.classifier = block("classifier")  # every network, the best, the ensemble
     c.data.name = "cifar100"
     c.data.image_size = 32
-    c.data.crop_scale = (0.6, 1.0)
+    c.data.train_crop = "pad_crop"
+    c.data.crop_padding = 4
+    c.data.mean = CIFAR100_MEAN
+    c.data.std = CIFAR100_STD
     c.augment.jitter_p = c.augment.gray_p = c.augment.blur_p = 0.0
     c.student = config_lib.encoder_config("resnet32", head="mcl_embed")
     c.student.num_classes = 100

@@ -6,7 +6,8 @@ the official builder, so the head is the torchvision fc, Linear(512, 128)): per-
 encoder (m 0.999) and queue (K 65536), T 0.07, KL T=3, unweighted VCL + SoftVCL + ICL +
 SoftICL, SGD lr 0.03 (batch 256), momentum 0.9, wd 1e-4, 200 epochs, x0.1 at 120 and 160,
 MoCo-v1 augmentation (RandomResizedCrop scale 0.2-1, grayscale 0.2, jitter 0.4 always, flip).
-Global BN stands in for shuffle-BN. Linear probe of network 0.
+Shuffle-BN for the key encoders over BN groups of 32 images (the 8 GPUs x 32 of MoCo). Linear
+probe of network 0.
 
     python -m disco_jax.main --config configs/mcl_moco_r18x2.py --workdir runs/mcl_moco_r18x2
 
@@ -19,8 +20,7 @@ from disco_jax.methods.mcl import loss_config
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, nets=2)
-    c = config_lib.base_config()
-    c.method = "mcl"
+    c = config_lib.base_config("mcl")
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     # MoCo-v1 augmentation: ColorJitter(0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, no blur.

@@ -19,8 +19,7 @@ from disco_jax.methods.mcl import loss_config
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, nets=2)
-    c = config_lib.base_config()
-    c.method = "mcl"
+    c = config_lib.base_config("mcl")
     c.evals.classifier = block("classifier")  # every network, the best, the ensemble
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"

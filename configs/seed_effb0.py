@@ -5,13 +5,16 @@ linear top-1 61.3 vs 42.2 for the student's own MoCo-v2 (paper numbers, recollec
 re-verified; methods.md §2.5). Recipe as configs/seed_mbv3.py (official code defaults): K=65536,
 student tau 0.2, teacher tau 1e-4, SGD lr 0.03 x B/256, 5-epoch warm-up, cosine per epoch,
 wd 1e-4, batch 256, 200 epochs, student head 1280->1280->128 without BN, teacher BN in eval.
-The student is torchvision's `efficientnet_b0` (SEED uses a lukemelas port with the same
-architecture; module names differ).
+The student is SEED's EfficientNet-B0 (`seed_efficientnet_b0`, its copy of lukemelas'
+EfficientNet-PyTorch: TF 'SAME' padding fixed for 224 px, BN eps 1e-3 / momentum 0.01,
+drop-connect 0.2 at train time), whose student MLP replaces `fc` after the 0.2 `_dropout`: in
+train mode the head sees the dropped-out 1280-d feature (`student.head_input="dropped"`).
 
     python -m disco_jax.main --config configs/seed_effb0.py --workdir runs/seed_effb0 \\
         --config.teacher.init=runs/moco_v2_r50/encoder
 
-Variants: `:smoke` (tiny widths, digits data, 4 steps; what the tests run).
+Variants: `:smoke` (tiny widths, digits data, 4 steps; what the tests run; the student pads
+TF 'SAME' for the actual 16-px input, as the 224-px static pads do not fit it).
 """
 
 from disco_jax import config_lib
@@ -19,12 +22,13 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
-    c = config_lib.base_config()
-    c.method = "seed"
+    c = config_lib.base_config("seed")
     config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
-    c.student = config_lib.encoder_config("efficientnet_b0", head_hidden=0)
+    # Drop-connect: the model's default, lukemelas' 0.2.
+    c.student = config_lib.encoder_config("seed_efficientnet_b0", head_hidden=0)
+    c.student.head_input = "dropped"  # the MLP replaces fc, after the 0.2 dropout
     c.teacher = config_lib.encoder_config("resnet50", head_hidden=2048)
     c.teacher.init = "runs/moco_v2_r50/encoder"
     c.loss.student_temp = 0.2
@@ -35,5 +39,6 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_epochs = 5.0
     if args.smoke:
         c = config_lib.smoke(c)
+        c.student.model_kwargs = {**c.student.model_kwargs, "image_size": None}
         c.teacher.init = ""  # tests point it at a smoke teacher
     return c

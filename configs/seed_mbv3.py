@@ -6,6 +6,10 @@ not re-verified; see shared/reference/methods.md §2.5). Recipe (official code d
 K=65536, student tau 0.2, teacher tau 1e-4, SGD lr 0.03 x B/256 with a 5-epoch warm-up from
 0.03, cosine per epoch, wd 1e-4 on every parameter, batch 256, 200 epochs, MoCo-v2
 augmentation at 224 px, student head 1280->1280->128 without BN, teacher BN in inference mode.
+The student is SEED's own MobileNetV3-Large (`seed_mobilenetv3_large`, its
+`mobilenetv3.py`: SE before the activation, Linear SE layers, BN eps 1e-5), whose student MLP
+replaces `fc` after the classifier's Dropout(0.2): in train mode the head sees the dropped-out
+1280-d feature (`student.head_input="dropped"`).
 
 Teacher: a finished `configs/moco_v2_r50.py` workdir (its `encoder` folder) or a converted
 official MoCo-v2 checkpoint, given as `--config.teacher.init=DIR`:
@@ -22,12 +26,12 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
-    c = config_lib.base_config()
-    c.method = "seed"
+    c = config_lib.base_config("seed")
     config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
-    c.student = config_lib.encoder_config("mobilenet_v3_large", head_hidden=0)
+    c.student = config_lib.encoder_config("seed_mobilenetv3_large", head_hidden=0)
+    c.student.head_input = "dropped"  # the MLP replaces fc, after the classifier's dropout
     c.teacher = config_lib.encoder_config("resnet50", head_hidden=2048)
     c.teacher.init = "runs/moco_v2_r50/encoder"
     c.loss.student_temp = 0.2

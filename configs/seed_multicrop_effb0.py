@@ -9,12 +9,15 @@ added; `swav_aug` (RandomResizedCrop scale (0.14, 1)); K=65536, student tau 0.2,
 1e-4; SGD lr 0.03 x B/256, 5-epoch warm-up, cosine per epoch, wd 1e-4, batch 256, 800 epochs.
 Teacher: SwAV's R50-w2 with its projection head Linear -> BN1d -> ReLU -> Linear (hidden 8192)
 in eval mode; convert the official SwAV checkpoint with `python -m disco_jax.convert`. The
-student is torchvision's `efficientnet_b0` (SEED uses a lukemelas port).
+student is SEED's EfficientNet-B0 (`seed_efficientnet_b0`, lukemelas' port: its TF 'SAME' pads
+fixed for 224 px are applied to the 96-px crops too, as there; drop-connect 0.2), with the MLP
+after the 0.2 `_dropout` (`student.head_input="dropped"`), in both forwards.
 
     python -m disco_jax.main --config configs/seed_multicrop_effb0.py --workdir runs/seed_mc \\
         --config.teacher.init=runs/swav_r50w2/encoder
 
-Variants: `:smoke` (tiny widths, 16-px views, six 8-px crops, digits data, 4 steps).
+Variants: `:smoke` (tiny widths, 16-px views, six 8-px crops, digits data, 4 steps; the
+student pads TF 'SAME' for the actual input, as the 224-px static pads do not fit 16 or 8 px).
 """
 
 from disco_jax import config_lib
@@ -22,13 +25,13 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
-    c = config_lib.base_config()
-    c.method = "seed"
+    c = config_lib.base_config("seed")
     config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
     c.data.name = "imagenet2012"
     c.data.eval_split = "validation"
     c.data.crop_scale = (0.14, 1.0)  # swav_aug
-    c.student = config_lib.encoder_config("efficientnet_b0", head_hidden=0)
+    c.student = config_lib.encoder_config("seed_efficientnet_b0", head_hidden=0)
+    c.student.head_input = "dropped"  # the MLP replaces fc, after the 0.2 dropout
     c.teacher = config_lib.encoder_config("swav_resnet50w2", head="mlp_bn", head_hidden=8192)
     c.teacher.init = "runs/swav_r50w2/encoder"
     c.loss.student_temp = 0.2
@@ -42,6 +45,7 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_epochs = 5.0
     if args.smoke:
         c = config_lib.smoke(c)
+        c.student.model_kwargs = {**c.student.model_kwargs, "image_size": None}
         c.loss.small_size = 8
         c.teacher.init = ""  # tests point it at a smoke teacher
     return c

@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections as mlc
 
+from disco_jax import methods
+from disco_jax.data import augment
 from disco_jax.eval import protocols
 
 
@@ -47,13 +49,18 @@ def encoder_config(model: str, *, head: str = "mlp", head_hidden: int = 0, **mod
             "head_hidden": head_hidden,
             "embed_dim": 128,
             "num_classes": 0,  # > 0: the backbone's classifier too (logits; SSLD, KD)
+            # "dropped": in train mode the head sees the backbone's classifier dropout applied
+            # to the features (SEED's students); "features": the features as they are.
+            "head_input": "features",
         }
     )
 
 
-def base_config() -> mlc.ConfigDict:
+def base_config(method: str = "seed") -> mlc.ConfigDict:
+    """Every field a run reads, with the library defaults; `c.loss` holds `method`'s knobs with
+    their official defaults (`LOSS_DEFAULTS` of its module), for the recipe to override."""
     c = mlc.ConfigDict()
-    c.method = "seed"
+    c.method = method
     c.seed = 0
 
     c.data = mlc.ConfigDict(
@@ -65,6 +72,13 @@ def base_config() -> mlc.ConfigDict:
             "image_size": 224,
             "crop_scale": (0.2, 1.0),
             "flip_p": 0.5,  # horizontal flip probability (host side)
+            # Train views: "random_resized" (RandomResizedCrop, crop_scale) or "pad_crop"
+            # (CIFAR's RandomCrop(S, padding=crop_padding), zero fill).
+            "train_crop": "random_resized",
+            "crop_padding": 4,
+            # Normalisation statistics (RGB, on the [0, 1] scale), for training and evaluation.
+            "mean": augment.IMAGENET_MEAN,
+            "std": augment.IMAGENET_STD,
             "shuffle_buffer": 50_000,
             "bad_images": "error",  # image folders: corrupt/non-image files "error" or "skip"
             # Data shards the global batch is cut into; -1: one per process (each reads its
@@ -84,12 +98,17 @@ def base_config() -> mlc.ConfigDict:
             "gray_p": 0.2,
             "blur_p": 0.5,
             "blur_sigma": (0.1, 2.0),
+            "solarize_p": 0.0,  # BYOL's solarisation (off in MoCo-v2)
+            "solarize_threshold": 0.5,
+            # Overrides of the above for the second view of methods that ask for it (BYOL's
+            # asymmetric views); empty: both views alike.
+            "view2": {},
         }
     )
     c.student = encoder_config("mobilenet_v3_large")
     c.teacher = encoder_config("resnet50", head_hidden=2048)
     c.teacher.init = ""  # an encoder directory (finished workdir or converted checkpoint)
-    c.loss = mlc.ConfigDict()
+    c.loss = methods.loss_defaults(method)
     c.queue_size = 65536
     c.batch_size = 256  # global
     c.total_epochs = 200
@@ -109,6 +128,8 @@ def base_config() -> mlc.ConfigDict:
             "step_milestones": (120, 160),  # epochs; MoCo-v1's 200-epoch schedule
             "granularity": "epoch",
             "scale_with_batch": True,
+            "warmup_from": "base",  # SEED / MoCo; "zero": PaddleClas, SimCLR, BYOL
+            "cosine_after_warmup": False,  # True: cosine over the epochs after the warm-up
         }
     )
     c.mesh = mlc.ConfigDict({"num_devices": -1})
@@ -147,6 +168,8 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.checkpoint_every_steps = 2
     c.evals.linear_fast.epochs = 5
     c.evals.knn_online.every_epochs = -1.0  # the tests that need it set every_steps
+    if c.loss.get("bn_group_size", 0):
+        c.loss.bn_group_size = 8  # two BN groups of the 16 images, as 2 GPUs would have
     for net in ("student", "teacher"):
         kw = dict(c[net].model_kwargs)
         kw["width"] = 0.25

@@ -96,6 +96,9 @@ def _data_defaults(config: Any, manifest: dict) -> None:
         if config.data.image_size <= 0:
             same = seen.get("name") == config.data.name
             config.data.image_size = int(seen.get("image_size", 224)) if same else 224
+        if config.data.get("mean") is None and seen.get("mean") and seen.get("std"):
+            # The normalisation the encoder was trained with (manifests before it: ImageNet's).
+            config.data.mean, config.data.std = tuple(seen["mean"]), tuple(seen["std"])
 
 
 def _fix_eval_split(config: Any) -> None:
@@ -119,7 +122,7 @@ def _outputs(out: dict) -> dict:
 
 
 def build_model(module: Any, host_vars: dict, manifest: dict, mesh: Any, dtype: Any,
-                teacher: tuple | None = None) -> Any:
+                teacher: tuple | None = None, stats: tuple | None = None) -> Any:
     """An `eval.Model` over an encoder (and optionally a teacher for the pair predictions)."""
     import jax
 
@@ -135,14 +138,15 @@ def build_model(module: Any, host_vars: dict, manifest: dict, mesh: Any, dtype: 
 
     def fn(v, x):
         own = {"params": v["params"], "batch_stats": v["batch_stats"]}
-        return _outputs(module.apply(own, evaluation.common.normalize(x, dtype), train=False))
+        return _outputs(module.apply(own, evaluation.common.normalize(x, dtype, stats),
+                                     train=False))
 
     pair = None
     if teacher is not None:
         t_module = teacher[0]
 
         def pair(v, x):
-            x = evaluation.common.normalize(x, dtype)
+            x = evaluation.common.normalize(x, dtype, stats)
             own = {"params": v["params"], "batch_stats": v["batch_stats"]}
             s = module.apply(own, x, train=False)["embedding"]
             t = t_module.apply(v["teacher"], x, train=False)["embedding"]
@@ -193,7 +197,8 @@ def prepare(config: Any, encoder_flag: str | None, workdir_flag: str | None,
         teacher = (t_module, t_vars, teacher_manifest)
     del jax
     return {"out": out, "env": env, "manifest": manifest, "teacher": teacher,
-            "model": build_model(module, host_vars, manifest, mesh, dtype, teacher)}
+            "model": build_model(module, host_vars, manifest, mesh, dtype, teacher,
+                                 evaluation.common.norm_stats(config.data))}
 
 
 def evaluate(config: Any, prepared: dict) -> list[dict]:

@@ -322,3 +322,134 @@ def byol_loss(p: Array, z: Array) -> Array:
     pn = l2_normalize(p)
     zn = jax.lax.stop_gradient(l2_normalize(z))
     return jnp.mean(2.0 - 2.0 * jnp.sum(pn * zn, axis=-1))
+
+
+# ------------------------------------------------------------------------------------------
+# L-MCL (winycg/L-MCL, TPAMI-23): the MCL terms between every stage of a network and every
+# stage of another, each pair weighted per anchor. Shapes: (M, S, N, D) embeddings (network,
+# stage, batch), (P, N) weights in `lmcl_pairs` order. Unweighted by alpha ... lam, like MCL's.
+
+
+def lmcl_pairs(num_nets: int, num_stages: int) -> list[tuple[int, int, int, int]]:
+    """(i, k, j, z): network i's stage k with network j's stage z, for every j != i and every
+    k, z, in the official loop order (``Sup_MCL_Loss_Meta.forward``, ``LossWeightNetwork``)."""
+    return [(i, k, j, z) for i in range(num_nets) for j in range(num_nets) if i != j
+            for k in range(num_stages) for z in range(num_stages)]
+
+
+def _kl_rows(student_logits: Array, target_logits: Array, temp: float) -> Array:
+    """(..., N): T^2 KL(softmax(t/T) || softmax(s/T)) per row, over full rows; target detached."""
+    s = student_logits.astype(jnp.float32) / temp
+    t = jax.lax.stop_gradient(target_logits.astype(jnp.float32)) / temp
+    log_p_t = jax.nn.log_softmax(t, axis=-1)
+    return temp**2 * jnp.sum(jnp.exp(log_p_t) * (log_p_t - jax.nn.log_softmax(s, axis=-1)), -1)
+
+
+def _supcon_rows(logits: Array, positives: Array, valid: Array) -> Array:
+    """(..., N): mean over P(n) of [l_nj - log sum_{k valid} exp l_nk] (0 if P(n) is empty)."""
+    masked = jnp.where(valid, logits, -jnp.inf)
+    log_prob = logits - jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    per_anchor = jnp.sum(jnp.where(positives, log_prob, 0.0), axis=-1)
+    return per_anchor / jnp.maximum(jnp.sum(positives.astype(jnp.float32), axis=-1), 1.0)
+
+
+def _first_columns_rows(logits: Array, num_pos: int) -> Array:
+    """(..., N): mean log-softmax of the first `num_pos` columns (the positives)."""
+    return jnp.mean(jax.nn.log_softmax(logits, axis=-1)[..., :num_pos], axis=-1)
+
+
+def _pair_index(num_nets: int, num_stages: int) -> tuple[Array, Array]:
+    """Flat (network * S + stage) indices of the first and second member of every pair."""
+    pairs = lmcl_pairs(num_nets, num_stages)
+    first = jnp.asarray([i * num_stages + k for i, k, _, _ in pairs])
+    second = jnp.asarray([j * num_stages + z for _, _, j, z in pairs])
+    return first, second
+
+
+def _weighted_mean(w: Array, rows: Array) -> Array:
+    """sum over pairs of the batch mean of w * rows; (P, N) each."""
+    return jnp.sum(jnp.mean(w * rows, axis=-1))
+
+
+def lmcl_losses(
+    embeddings: Array, labels: Array, weights: Array, tau: float = 0.1, kd_temp: float = 3.0
+) -> dict[str, Array]:
+    """In-batch L-MCL terms (`losses/cifar_sup_layer_mcl_meta_loss.py`, methods.md §4.4).
+
+    For every pair (i, k, j, z) with weights w (N,): MCL's in-batch VCL / SoftVCL / ICL /
+    SoftICL (`mcl_losses`: SupCon masks within and across networks, the cross-network diagonal
+    in neither numerator nor denominator; KL at `kd_temp` over full rows, target detached) of
+    a = z_ik and b = z_jz, with VCL = VCL(a) + VCL(b) and SoftVCL both directions, and every
+    anchor's term times w_n; normalisers unchanged (the batch mean, |P(n)|). Each ordered pair
+    and its reverse are both summed, as the official double loop does. `weights` are used as
+    given (the caller detaches them where the official code does). All pairs at once, as
+    (P, N, N) blocks.
+    """
+    z = l2_normalize(embeddings)
+    m, s, n, d = z.shape
+    flat = z.reshape(m * s, n, d)
+    first, second = _pair_index(m, s)
+    w = weights.astype(jnp.float32)
+    eye = jnp.eye(n, dtype=bool)
+    positives, valid = (labels[:, None] == labels[None, :]) & ~eye, ~eye
+    own = jnp.einsum("cnd,cmd->cnm", flat, flat) / tau  # (M S, N, N)
+    own_rows = _supcon_rows(own, positives, valid)  # (M S, N)
+    a, b = own[first], own[second]
+    ab = jnp.einsum("pnd,pmd->pnm", flat[first], flat[second]) / tau
+    ba = jnp.swapaxes(ab, 1, 2)  # z_b z_a^T
+    return {
+        "vcl": -_weighted_mean(w, own_rows[first]) - _weighted_mean(w, own_rows[second]),
+        "soft_vcl": (_weighted_mean(w, _kl_rows(a, b, kd_temp))
+                     + _weighted_mean(w, _kl_rows(b, a, kd_temp))),
+        "icl": (-_weighted_mean(w, _supcon_rows(ab, positives, valid))
+                - _weighted_mean(w, _supcon_rows(ba, positives, valid))),
+        "soft_icl": (_weighted_mean(w, _kl_rows(ab, ba, kd_temp))
+                     + _weighted_mean(w, _kl_rows(ba, ab, kd_temp))),
+    }
+
+
+def lmcl_bank_losses(
+    embeddings: Array,
+    contrast: Array,
+    weights: Array,
+    tau: float = 0.07,
+    kd_temp: float = 3.0,
+    pos_k: int = 1,
+    vcl_bank: str = "first",
+) -> dict[str, Array]:
+    """Memory-bank L-MCL terms (`losses/imagenet_sup_layer_mcl_meta_loss.py`, §4.4).
+
+    `embeddings` (M, S, N, D) anchors (normalised here); `contrast` (M, N, 1 + pos_k + neg_k,
+    D): bank m's rows at [own | pos_k same-class | neg_k other-class], constants. For a pair
+    (i, k, j, z) with a = z_ik, b = z_jz: ICL = CE(b vs bank i) + CE(a vs bank j), positives
+    the first 1 + pos_k columns; SoftICL the KL between those two rows both ways; VCL over the
+    columns without the own row, positives the first pos_k: a against bank i and b against
+    bank i too (`vcl_bank="first"`, the official ``memory_ + str(a)`` on both lines) or its own
+    bank j (`"own"`); SoftVCL the KL between those two rows both ways. Per-anchor weights as in
+    `lmcl_losses`.
+    """
+    if vcl_bank not in ("first", "own"):
+        raise ValueError(f"vcl_bank must be 'first' or 'own', got {vcl_bank!r}")
+    z = l2_normalize(embeddings)
+    c = jax.lax.stop_gradient(contrast.astype(jnp.float32))
+    m, s, n, d = z.shape
+    pairs = lmcl_pairs(m, s)
+    first, second = _pair_index(m, s)
+    net_i = jnp.asarray([i for i, _, _, _ in pairs])
+    net_j = jnp.asarray([j for _, _, j, _ in pairs])
+    w = weights.astype(jnp.float32)
+    # Every (network, stage) embedding against every bank: (M S, M, N, K).
+    sim = jnp.einsum("cnd,bnkd->cbnk", z.reshape(m * s, n, d), c) / tau
+    ij, ji = sim[second, net_i], sim[first, net_j]
+    va = sim[first, net_i, :, 1:]
+    vb = sim[second, net_i if vcl_bank == "first" else net_j, :, 1:]
+    return {
+        "vcl": (-_weighted_mean(w, _first_columns_rows(va, pos_k))
+                - _weighted_mean(w, _first_columns_rows(vb, pos_k))),
+        "soft_vcl": (_weighted_mean(w, _kl_rows(va, vb, kd_temp))
+                     + _weighted_mean(w, _kl_rows(vb, va, kd_temp))),
+        "icl": (-_weighted_mean(w, _first_columns_rows(ij, 1 + pos_k))
+                - _weighted_mean(w, _first_columns_rows(ji, 1 + pos_k))),
+        "soft_icl": (_weighted_mean(w, _kl_rows(ij, ji, kd_temp))
+                     + _weighted_mean(w, _kl_rows(ji, ij, kd_temp))),
+    }

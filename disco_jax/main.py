@@ -7,6 +7,7 @@ Bad input ends with one `error:` line and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -39,24 +40,47 @@ _DIST_TIMEOUT = flags.DEFINE_integer(
     " declared lost (a killed peer is noticed at once).")
 
 
+def _seeds(config, name: str) -> tuple:
+    """The seeds stage `name` runs with: `config.seeds` for the stages in `config.seeded`
+    (each in DIR/<stage>/seed<k>), else its own config's seed once (in DIR/<stage>)."""
+    return tuple(config.seeds) if name in config.get("seeded", ()) else (None,)
+
+
 def run_stages(config, workdir: str) -> dict:
-    """Run each stage of a multi-stage config and write the results table."""
-    from disco_jax import report, train
+    """Run each stage of a multi-stage config (some once per seed), evaluate the reference
+    rows of `config.baselines` (`disco_jax.baselines`), and write the results table."""
+    from disco_jax import baselines, report, train
 
     results, t0 = {}, time.time()
     for name in config.stage_order:
-        stage = config.stages[name]
-        if stage.teacher.init:
-            stage.teacher.init = stage.teacher.init.format(workdir=os.path.abspath(workdir))
-        if stage.student.get("init"):  # a later stage starting from an earlier one's encoder
-            stage.student.init = stage.student.init.format(workdir=os.path.abspath(workdir))
-        logging.getLogger("disco_jax").info("=== stage %s (%s)", name, stage.method)
+        runs = []
+        for seed in _seeds(config, name):
+            stage = copy.deepcopy(config.stages[name])
+            if stage.teacher.init:
+                stage.teacher.init = stage.teacher.init.format(workdir=os.path.abspath(workdir))
+            if stage.student.get("init"):  # a later stage starting from an earlier one's encoder
+                stage.student.init = stage.student.init.format(workdir=os.path.abspath(workdir))
+            stage_dir = os.path.join(workdir, name)
+            if seed is not None:
+                stage.seed = seed
+                stage_dir = os.path.join(stage_dir, f"seed{seed}")
+            logging.getLogger("disco_jax").info("=== stage %s (%s, seed %d)", name,
+                                                stage.method, stage.seed)
+            t = time.time()
+            res = {**train.run(stage, stage_dir), "seed": stage.seed,
+                   "stage_seconds": round(time.time() - t, 1)}
+            runs.append(res)
+            if res.get("preempted"):  # later stages need this one finished
+                results[name] = report.aggregate(runs)
+                return {"stages": results, "preempted": True, "step": res["step"],
+                        "wall_seconds": round(time.time() - t0, 1)}
+        results[name] = report.aggregate(runs)
+    for kind in config.get("baselines", ()):
+        stage = config.stages[config.baseline_stage]
         t = time.time()
-        results[name] = {**train.run(stage, os.path.join(workdir, name)),
-                         "stage_seconds": round(time.time() - t, 1)}
-        if results[name].get("preempted"):  # later stages need this one finished
-            return {"stages": results, "preempted": True, "step": results[name]["step"],
-                    "wall_seconds": round(time.time() - t0, 1)}
+        res = baselines.evaluate(kind, stage, os.path.join(workdir, kind))
+        results[kind] = report.aggregate([{**res, "seed": stage.seed,
+                                           "stage_seconds": round(time.time() - t, 1)}])
     summary = {"stages": results, "wall_seconds": round(time.time() - t0, 1)}
     report.write(workdir, summary, config)
     return summary

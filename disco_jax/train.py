@@ -67,6 +67,7 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
         )
     method.validate(config)
     optim.validate(config.optimizer)
+    data.validate(config.data, config.augment)  # crops, normalisation, augmentation options
     compute_dtype(config.dtype)
     evaluation.validate(config.evals, eval_env(config, method, mesh, workdir=""))
     for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
@@ -141,12 +142,14 @@ def eval_model(method: Any, ctx: dict, config: Any, state: dict, teacher_vars: A
     def own(v: dict) -> dict:
         return {"params": v["params"], "batch_stats": v["batch_stats"]}
 
+    stats = (tuple(config.data.mean), tuple(config.data.std))  # the run's normalisation
+
     def fn(v: dict, x: jax.Array) -> dict:
-        out = method.eval_outputs(ctx, own(v), data.normalize(x, out_dtype=dtype))
+        out = method.eval_outputs(ctx, own(v), data.normalize(x, dtype, *stats))
         return {k: a.astype(jnp.float32) for k, a in out.items()}
 
     def pair(v: dict, x: jax.Array) -> dict:
-        x = data.normalize(x, out_dtype=dtype)
+        x = data.normalize(x, dtype, *stats)
         s = method.eval_outputs(ctx, own(v), x)["embedding"]
         t = ctx["teacher"].apply(v["teacher"], x, train=False)["embedding"]
         return {"student": s.astype(jnp.float32), "teacher": t.astype(jnp.float32)}
@@ -264,7 +267,9 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
         data.train_dataset(
             source, split=config.data.train_split, views=method.views(config),
             image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
-            flip_p=config.data.flip_p, local_batch=config.batch_size // shards, seed=config.seed,
+            flip_p=config.data.flip_p, train_crop=config.data.train_crop,
+            crop_padding=config.data.crop_padding, local_batch=config.batch_size // shards,
+            seed=config.seed,
             start_step=start_step, process_index=jax.process_index() * per_process + i,
             process_count=shards, shuffle_buffer=config.data.shuffle_buffer,
             **method.data_options(config),
@@ -289,6 +294,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
     `extra_actions`: more periodic work, `action(step, state)` called after every step (tests
     use it to send signals or inspect the state at a step)."""
     method = methods.get(config.method)
+    config = methods.resolve_loss(config)  # every knob in config.json; unknown keys refused
     mesh = sharding.make_mesh(config.mesh.num_devices)
     source, teacher_manifest = validate(config, method, mesh)
 
@@ -340,6 +346,8 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         granularity=config.optimizer.granularity,
         scale_with_batch=config.optimizer.scale_with_batch,
         step_milestones=tuple(config.optimizer.step_milestones),
+        warmup_from=config.optimizer.warmup_from,
+        cosine_after_warmup=config.optimizer.cosine_after_warmup,
     )
     tx = optim.make_optimizer(config.optimizer, schedule)
 
@@ -355,15 +363,19 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         }
         log.info("teacher %s from %s (sha256 %s…)", teacher_manifest["model"],
                  teacher_manifest["path"], teacher_manifest["fingerprint"][:12])
-    augment = functools.partial(data.mocov2_augment, **config.augment, out_dtype=dtype)
+    augment = functools.partial(data.mocov2_augment, **config.augment,
+                                mean=tuple(config.data.mean), std=tuple(config.data.std),
+                                out_dtype=dtype)
     ctx = {"student": student, "teacher": teacher, "augment": augment, "config": config,
-           "mesh": mesh}
+           "mesh": mesh, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    # Host-side work of the method (read labels, load weights), passed into the jitted init.
+    host = jax.device_put(method.host_init(config, ctx), repl)
 
     # ---- train state, created directly with its shardings.
     size = config.data.image_size
     dummy = jnp.zeros((1, size, size, 3), dtype)
 
-    def init_state(rng: jax.Array) -> dict:
+    def init_state(rng: jax.Array, host: dict) -> dict:
         r_model, r_extra, r_step = jax.random.split(rng, 3)
         variables = student.init(r_model, dummy, train=False)
         student_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -372,10 +384,10 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
             "opt_state": tx.init(student_vars["params"]),
             "step": jnp.zeros((), jnp.int32),
             "rng": r_step,
-            **method.init_extra(config, r_extra, student_vars, ctx),
+            **method.init_extra(config, r_extra, student_vars, {**ctx, "host": host}),
         }
 
-    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed), host)
     state_sh = sharding.tree_shardings(abstract, mesh)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
@@ -393,7 +405,8 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
                         saved_meta.get("teacher"), meta["teacher"])
         log.info("resumed from %s at step %d", mngr.directory, latest)
     else:
-        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(config.seed),
+                                                             host)
         log.info("initialised a new %s run in %s", config.method, workdir)
     start_step = int(state["step"])
     if is_main:
@@ -501,7 +514,9 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         variables = jax.tree_util.tree_map(sharding.to_host, variables)
         variables, manifest = method.export(config, variables)
         seen = {"name": config.data.name, "image_size": int(config.data.image_size),
-                "train_split": config.data.train_split, "eval_split": config.data.eval_split}
+                "train_split": config.data.train_split, "eval_split": config.data.eval_split,
+                # the input normalisation the encoder was trained with (evaluate reuses it)
+                "mean": list(config.data.mean), "std": list(config.data.std)}
         # Every process: orbax's save synchronises them (process 0 alone would wait forever).
         checkpoint.save_encoder(
             os.path.join(workdir, "encoder"), variables,
@@ -514,7 +529,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
             records = suite.run_all(model_of(state), names)
             results["eval_seconds"] = round(time.time() - t_eval, 1)
             results["evals"] = evaluation.flat(records)
-            results.update(_headline(results["evals"]))
+            results.update(headline(results["evals"]))
             metrics_log.write(final_step, results["evals"])
             if is_main:
                 evaluation.records.write(workdir, records, {
@@ -530,7 +545,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
     return results
 
 
-def _headline(flat: dict[str, float]) -> dict[str, float]:
+def headline(flat: dict[str, float]) -> dict[str, float]:
     """`knn_top1` / `linear_top1`: the kNN (its headline k) and quick-probe top-1, for tables."""
     out = {}
     for key, name in (("knn/top1", "knn_top1"), ("linear_fast/top1", "linear_top1")):

@@ -404,3 +404,144 @@ def test_flip_probability(digits):
     np.testing.assert_array_equal(plain["view1"], plain["view2"])
     flipped = take(train_dataset(digits, flip_p=1.0, **kwargs), 1)[0]
     np.testing.assert_array_equal(flipped["view1"], plain["view1"][:, :, ::-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR's RandomCrop(S, padding) and per-dataset normalisation (winycg/MCL `main_cifar.py`)
+
+
+def _coded_source(n: int, size: int):
+    """In-memory source whose pixels name their position: R = 1 + 7 row, G = 1 + 7 col,
+    B = 1 + index (all > 0, so zero padding is told apart); label = the example's index."""
+    import tensorflow as tf
+
+    from disco_jax.data import DataSource
+
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    images = np.stack([np.stack([1 + 7 * rows, 1 + 7 * cols, np.full_like(rows, 1 + i)], -1)
+                       for i in range(n)]).astype(np.uint8)
+
+    def read(split, start, end, decode):
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images[start:end], "label": np.arange(start, end, dtype=np.int64)})
+
+    return DataSource(name="coded", num_classes=n, splits={"train": n}, _read=read,
+                      _decode=lambda x: x), images
+
+
+def _padded_windows(view: np.ndarray, image: np.ndarray, pad: int) -> list[tuple]:
+    """Every (top, left, mirrored) whose window of np.pad(image, pad) (zeros) equals `view`."""
+    size = image.shape[0]
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    hits = []
+    for top in range(2 * pad + 1):
+        for left in range(2 * pad + 1):
+            window = padded[top:top + size, left:left + size]
+            for mirrored in (False, True):
+                if np.array_equal(view, window[:, ::-1] if mirrored else window):
+                    hits.append((top, left, mirrored))
+    return hits
+
+
+def test_pad_crop_is_a_window_of_the_zero_padded_image():
+    # torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip: every view is exactly the
+    # 32x32 window at some offsets (top, left) in [0, 8]^2 of np.pad(image, 4), maybe mirrored;
+    # the offsets are uniform integers, so 512 draws cover all 9 values of each.
+    size, pad = 32, 4
+    source, images = _coded_source(64, size)
+    ds = train_dataset(source, split="train", views=2, image_size=size, local_batch=64, seed=1,
+                       train_crop="pad_crop", crop_padding=pad)
+    tops, lefts, flips = [], [], []
+    for batch in take(ds, 4):
+        for key in ("view1", "view2"):
+            for view, label in zip(batch[key], batch["label"], strict=True):
+                hits = _padded_windows(view, images[label], pad)
+                assert len(hits) == 1, f"view of example {label} is no padded window: {hits}"
+                tops.append(hits[0][0])
+                lefts.append(hits[0][1])
+                flips.append(hits[0][2])
+    assert set(tops) == set(lefts) == set(range(2 * pad + 1))
+    assert 0 < np.mean(flips) < 1
+    # padding 0 at the image's own size: the image itself, maybe mirrored.
+    plain = take(train_dataset(source, split="train", views=1, image_size=size, local_batch=64,
+                               seed=1, train_crop="pad_crop", crop_padding=0, flip_p=0.0), 1)[0]
+    np.testing.assert_array_equal(plain["image"], images[plain["label"]])
+
+
+def test_crop_and_normalisation_options_are_validated():
+    source, _ = _coded_source(8, 8)
+    kw = dict(split="train", views=1, image_size=8, local_batch=8, seed=0)
+    with pytest.raises(ConfigError, match="train_crop"):
+        train_dataset(source, train_crop="pad", **kw)
+    with pytest.raises(ConfigError, match="crop_padding"):
+        train_dataset(source, train_crop="pad_crop", crop_padding=-1, **kw)
+    from disco_jax import config_lib, data
+
+    c = config_lib.base_config()
+    data.validate(c.data, c.augment)
+    for key, value, match in (("train_crop", "crop", "train_crop"),
+                              ("crop_padding", 1.5, "crop_padding"),
+                              ("mean", (0.5, 0.5), "mean"), ("std", (0.2, 0.0, 0.2), "std")):
+        with pytest.raises(ConfigError, match=match):
+            data.validate({**c.data, key: value}, c.augment)
+    for view2, match in (({"blur": 0.1}, "view2.blur"), ({"solarize_p": 1.5}, "solarize_p")):
+        with pytest.raises(ConfigError, match=match):
+            data.validate(c.data, {**c.augment, "view2": view2})
+
+
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # main_cifar.py transforms.Normalize
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+
+
+def test_normalize_and_augment_take_the_dataset_statistics(images):
+    want = (np.asarray(images, np.float64) / 255 - CIFAR100_MEAN) / CIFAR100_STD
+    got = normalize(images, mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32 of |x| <= 2
+    out = augment(jax.random.key(7), images, jitter_p=0, gray_p=0, blur_p=0,
+                  mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mcl_cifar_recipe_trains_and_evaluates_with_cifar_statistics_and_pad_crop():
+    from types import SimpleNamespace
+
+    from disco_jax import sharding, train
+    from tests.helpers import load_config
+
+    cfg = load_config("mcl_cifar_resnet32x2.py")
+    assert (cfg.data.train_crop, cfg.data.crop_padding) == ("pad_crop", 4)
+    assert tuple(cfg.data.mean) == CIFAR100_MEAN and tuple(cfg.data.std) == CIFAR100_STD
+    assert cfg.augment.jitter_p == cfg.augment.gray_p == cfg.augment.blur_p == 0.0
+    # What evaluators see: the trainer's eval Model normalises with the run's statistics.
+    method = SimpleNamespace(eval_outputs=lambda ctx, v, x: {"features": x.reshape(len(x), -1)})
+    state = {"params": {}, "batch_stats": {}, "step": 0}
+    model = train.eval_model(method, {"mesh": sharding.make_mesh(8)}, cfg, state, None,
+                             jnp.float32)
+    x = np.random.default_rng(1).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    want = ((x / 255.0 - CIFAR100_MEAN) / CIFAR100_STD).reshape(8, -1)
+    np.testing.assert_allclose(model.predict(jnp.asarray(x))["features"], want, rtol=1e-5,
+                               atol=1e-5)
+
+
+def _augment_with(**settings):
+    """mocov2_augment with these settings fixed (static, as the trainer's partial makes them)."""
+    import functools
+
+    return jax.jit(functools.partial(mocov2_augment, **settings))
+
+
+def test_augment_solarize_and_per_view_overrides(images):
+    unit = np.asarray(images, np.float64) / 255
+    out = _unnormalize(_augment_with(jitter_p=0, gray_p=0, blur_p=0, solarize_p=1.0)(
+        jax.random.key(8), images))
+    np.testing.assert_allclose(out, np.where(unit < 0.5, unit, 1 - unit), atol=1e-5)
+    # view2 overrides apply to view=2 only; with none (the default) both views are alike.
+    kw = dict(jitter_p=0.8, gray_p=0.2, blur_p=0.5)
+    key = jax.random.key(9)
+    base = _augment_with(**kw)(key, images)
+    view2 = {"solarize_p": 1.0}
+    np.testing.assert_array_equal(_augment_with(**kw, view=1, view2=view2)(key, images), base)
+    np.testing.assert_array_equal(_augment_with(**kw, view=2, view2=view2)(key, images),
+                                  _augment_with(**kw, solarize_p=1.0)(key, images))
+    assert not np.allclose(_augment_with(**kw, solarize_p=1.0)(key, images), base)
+    np.testing.assert_array_equal(_augment_with(**kw, view=2)(key, images), base)

@@ -224,3 +224,19 @@ def test_eval_configs_reduced(classifier_encoder, data_dir, tmp_path, spec, name
     if "preset=disco" in spec:
         assert recs["linear"]["settings"]["gamma"] == 0.5
         assert "epochs" in recs["linear"]["deviations"]  # a reduced protocol says so
+
+
+def test_data_defaults_take_the_encoders_normalisation_from_its_manifest():
+    from disco_jax.eval import common, protocols
+
+    cifar = ([0.507, 0.487, 0.441], [0.267, 0.256, 0.276])
+    manifest = {"path": "enc", "data": {"name": "digits", "image_size": 16,
+                                        "mean": cifar[0], "std": cifar[1]}}
+    config = protocols.eval_config()
+    evaluate._data_defaults(config, manifest)
+    assert config.data.name == "digits" and config.data.image_size == 16
+    assert common.norm_stats(config.data) == (tuple(cifar[0]), tuple(cifar[1]))
+    # An older manifest without statistics: ImageNet's, as the encoder was trained with.
+    config = protocols.eval_config()
+    evaluate._data_defaults(config, {"path": "enc", "data": {"name": "digits"}})
+    assert common.norm_stats(config.data) is None

@@ -176,10 +176,11 @@ def test_train_run_on_imagenet2012(tmp_path, imagenet_data_dir):
     # cache: ~38 s of CPU for the whole test, half of the unchanged smoke ResNet-50 MoCo-v2;
     # the input pipeline is the same for every method. 2 steps, then the encoder export and the
     # final kNN / linear evaluation on the validation split.
-    from disco_jax import train  # here: the data tests above do not need the trainer
+    from disco_jax import methods, train  # here: the data tests above do not need the trainer
 
     cfg = load_config("moco_v2_r50.py:smoke", imagenet_data_dir)
     cfg.method = "supervised"
+    cfg.loss = methods.loss_defaults("supervised")  # MoCo's knobs are not supervised's
     cfg.student.model = "resnet18"
     cfg.student.num_classes = 1000
     cfg.data.name = "imagenet2012"

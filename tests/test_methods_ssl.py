@@ -101,16 +101,19 @@ def test_supervised_8_devices_equal_1_device(ssld_run, tmp_path):
 def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
     cfg, workdir, _ = ssld_run
     stage = cfg.stages["finetune"].copy_and_resolve_references()
+    # run_stages resolves "{workdir}" in its own copy of each stage, not in `cfg`.
+    stage.teacher.init = stage.teacher.init.format(workdir=os.path.abspath(workdir))
     enc = os.path.join(workdir, "distill", "encoder")
     stage.student.init = enc
     variables, _ = checkpoint.load_encoder(enc)
     zeros = jax.tree_util.tree_map(np.zeros_like, {k: variables[k]
                                                    for k in ("params", "batch_stats")})
-    got = ssld.init_extra(stage, None, zeros, {})
+    ctx = {"host": ssld.host_init(stage, {})}  # read on the host, then handed to init_extra
+    got = ssld.init_extra(stage, None, zeros, ctx)
     jax.tree_util.tree_map(np.testing.assert_array_equal, got["params"], variables["params"])
     bad = jax.tree_util.tree_map(lambda x: np.zeros((*x.shape, 1)), zeros)
     with pytest.raises(ConfigError, match="do not match"):
-        ssld.init_extra(stage, None, bad, {})
+        ssld.init_extra(stage, None, bad, ctx)
     stage.student.model = "mobilenet_v3_large"
     with pytest.raises(ConfigError, match="student.init"):
         ssld.validate(stage)
@@ -156,7 +159,8 @@ def test_ssl_smoke_config_runs_and_8_devices_equal_1_device(name, tmp_path, data
         # The target lags the online encoder, with BYOL's cosine tau schedule (K = 3 steps).
         assert np.abs(flat(state["ema"]["params"]) - flat(state["params"]["encoder"])).max() > 0
         taus = [r["tau"] for r in read_metrics(str(tmp_path / "eight"))]
-        want = [1 - 0.004 * (np.cos(np.pi * k / 3) + 1) / 2 for k in range(3)]
+        base = 1 - cfg.loss.tau_base  # 0.99 at the recipe's 300 epochs (the official preset)
+        want = [1 - base * (np.cos(np.pi * k / 3) + 1) / 2 for k in range(3)]
         np.testing.assert_allclose(taus, want, rtol=1e-6)
 
 
@@ -188,3 +192,113 @@ def test_data_extra_mixes_unlabelled_examples_into_the_training_stream_only(data
     assert data.steps_per_epoch(src, split="train", local_batch=16) == (n_train + n_test) // 16
     with pytest.raises(ConfigError, match="name"):
         data.get_source({"name": "digits", "data_dir": data_dir, "extra": ({"split": "x"},)})
+
+
+# ---------------------------------------------------------------------------------------------
+# BYOL's asymmetric views and SimCLR's projection head (recipes against the official codes)
+
+
+def test_byol_views_draw_their_own_blur_and_solarize_probabilities():
+    """deepmind-research/byol augmentations.py: blur p 1.0 / 0.1, solarize p 0 / 0.2 for view 1
+    / view 2. Images with every pixel above the threshold 0.5 make both events visible per
+    image: a solarised image lies wholly below 0.5 (blurring keeps it above), and a blurred one
+    (sigma in [1, 2] here, so its 3-tap kernel moves noise by far more than float error)
+    differs from its input."""
+    import functools
+
+    import jax.numpy as jnp
+
+    cfg = load_config("byol_r50.py")
+    settings = {**cfg.augment, "jitter_p": 0.0, "gray_p": 0.0, "blur_sigma": (1.0, 2.0)}
+    mean, std = np.asarray(cfg.data.mean), np.asarray(cfg.data.std)
+    n = 2000
+    x = np.random.default_rng(0).integers(160, 256, (n, 8, 8, 3), dtype=np.uint8)
+    unit = x / 255.0
+    frac = {}
+    for view in (1, 2):
+        aug = jax.jit(functools.partial(data.mocov2_augment, **settings, view=view,
+                                        mean=tuple(mean), std=tuple(std)))
+        out = np.asarray(aug(jax.random.PRNGKey(view), jnp.asarray(x)), np.float64) * std + mean
+        solarized = out.reshape(n, -1).max(1) < 0.5
+        assert np.all(solarized | (out.reshape(n, -1).min(1) > 0.5))  # all or nothing
+        before = np.where(solarized[:, None, None, None], 1.0 - out, out)
+        blurred = np.abs(before - unit).reshape(n, -1).max(1) > 1e-3
+        frac[view] = (blurred.mean(), solarized.mean())
+    assert frac[1] == (1.0, 0.0)  # p = 1 and p = 0: exact
+    # Binomial counts of n draws: 6 standard deviations.
+    for got, p in zip(frac[2], (0.1, 0.2), strict=True):
+        assert abs(got - p) < 6 * np.sqrt(p * (1 - p) / n), frac[2]
+
+
+def test_byol_loss_augments_view2_as_view_2_and_reads_total_steps_from_ctx():
+    """Traced only (eval_shape): which setting each batch view is augmented with, and tau from
+    ctx["total_steps"] (no import of the trainer at trace time)."""
+    import jax.numpy as jnp
+
+    from disco_jax import methods
+    from disco_jax.methods import byol
+
+    cfg = methods.resolve_loss(load_config("byol_r50.py:smoke"))
+    student = byol.build_student(cfg, jnp.float32)
+    x = jnp.zeros((4, 16, 16, 3), jnp.uint8)
+    variables = jax.eval_shape(lambda: student.init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((4, 16, 16, 3)), train=False))
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+             "step": jnp.zeros((), jnp.int32)}
+    state["ema"] = jax.eval_shape(lambda s: byol.init_extra(cfg, None, s, {})["ema"], state)
+    seen, calls = {}, []
+
+    def augment(rng, images, view=1):
+        calls.append((view, images is seen["batch"]["view1"], images is seen["batch"]["view2"]))
+        return images.astype(jnp.float32)
+
+    ctx = {"student": student, "augment": augment, "config": cfg, "mesh": None,
+           "total_steps": 7, "steps_per_epoch": 7}
+
+    def loss(params, state, batch):
+        seen["batch"] = batch
+        return byol.loss_fn(params, state, batch, jax.random.PRNGKey(1), None, ctx)
+
+    _, (metrics, _) = jax.eval_shape(loss, state["params"], state,
+                                     {"view1": x, "view2": x, "label": jnp.zeros(4, jnp.int32)})
+    assert calls == [(1, True, False), (2, False, True)]
+    assert metrics["tau"].shape == ()
+
+
+def test_simclr_recipe_head_batch_normalises_its_output_without_centre():
+    """google-research/simclr ProjectionHead: the last LinearLayer(use_bias=False,
+    use_bn=True) is Dense without bias, then BN with a scale and no centre. Checked against a
+    float64 NumPy forward of the recipe's head in train mode (batch statistics)."""
+    from disco_jax import models
+
+    cfg = load_config("simclr_r50.py")
+    net = cfg.student
+    head = models.create_head(net.head, out_dim=net.embed_dim, hidden_dim=net.head_hidden)
+    feats = np.random.default_rng(0).normal(size=(64, 2048)).astype(np.float32)
+    variables = head.init(jax.random.PRNGKey(0), feats, train=False)
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables["params"])
+    assert set(p["fc_3"]) == {"kernel"} and set(p["fc_4"]) == {"scale"}
+    out, mutated = head.apply(variables, feats, train=True, mutable=["batch_stats"])
+
+    def bn(z, scale, bias=0.0):  # train mode: biased batch variance, eps 1e-5
+        return (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5) * scale + bias
+
+    h = feats.astype(np.float64) @ p["fc_0"]["kernel"] + p["fc_0"]["bias"]
+    h = np.maximum(bn(h, p["fc_1"]["scale"], p["fc_1"]["bias"]), 0.0)
+    z = h @ p["fc_3"]["kernel"]
+    want = bn(z, p["fc_4"]["scale"])
+    # float32 matmuls over 2048 terms of O(1): ~1e-6 relative; normalised outputs are O(1).
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mutated["batch_stats"]["fc_4"]["mean"]),
+                               0.1 * z.mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_byol_recipe_takes_the_official_preset_of_its_length():
+    # deepmind-research/byol configs/byol.py: lr / wd / EMA presets per number of epochs.
+    for epochs, (lr, wd, tau) in {300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996),
+                                  100: (0.45, 1e-6, 0.99)}.items():
+        c = load_config(f"byol_r50.py:epochs={epochs}")
+        assert (c.optimizer.base_lr, c.optimizer.weight_decay, c.loss.tau_base) == (lr, wd, tau)
+        assert c.total_epochs == epochs
+    with pytest.raises(ValueError, match="no official preset"):
+        load_config("byol_r50.py:epochs=200")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
-from tests.helpers import random_variables
+from tests.helpers import load_config, random_variables
 
 # torchvision 1000-class parameter counts (parameters only, no BN buffers).
 TORCHVISION_PARAMS = {
@@ -76,7 +77,8 @@ def _tiny(name: str, **kwargs):
 
 def test_registry_lists_every_architecture():
     assert set(TORCHVISION_PARAMS) <= set(models.list_models())
-    assert sorted(models.list_heads()) == ["identity", "linear", "mcl_embed", "mlp", "mlp_bn"]
+    assert sorted(models.list_heads()) == ["identity", "linear", "mcl_embed", "mlp", "mlp_bn",
+                                          "mlp_bn_out"]
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
@@ -250,3 +252,76 @@ def test_encoder_returns_features_and_embedding():
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     out, updates = jax.eval_shape(train, variables, x)
     assert set(updates["batch_stats"]) == {"backbone"}
+
+
+# ------------------------------------------------------------------ head_input (SEED's heads)
+
+
+def _head_inputs(encoder, variables, x, train: bool, rng=None):
+    """(pooled features, what the head was called with) of one jitted forward."""
+
+    def fn(v, x, rng):
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if context.module.name == "head" and context.method_name == "__call__":
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            out = encoder.apply(v, x, train=train, mutable=["batch_stats"] if train else False,
+                                rngs=None if rng is None else {"dropout": rng})
+        out = out[0] if train else out
+        return out["features"], seen[0]
+
+    return jax.device_get(_jit(fn)(variables, x, rng))
+
+
+def test_seed_mbv3_recipe_head_sees_the_dropped_out_feature():
+    """seed_mbv3: SEED's MobileNetV3, whose MLP replaces ``fc`` after Dropout(0.2) (SEED's
+    mobilenetv3.py: classifier = Linear, h_swish, Dropout(0.2); then fc): in train mode the
+    head's input is the dropped-out feature, in eval mode the feature itself."""
+    cfg = load_config("seed_mbv3.py:smoke")
+    assert cfg.student.model == "seed_mobilenetv3_large"
+    encoder = models.build_encoder(cfg.student)
+    assert encoder.head_dropout == 0.2
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    variables = random_variables(_shapes(encoder, x.shape)[0])
+    feats, head_in = _head_inputs(encoder, variables, x, True, jax.random.key(2, impl="rbg"))
+    assert feats.shape == (4, 320)  # make_divisible(1280 * 0.25)
+    # Flax's Dropout: where(mask, x / keep, 0); XLA may divide as x * (1 / keep), two
+    # float32 roundings instead of one.
+    kept = head_in != 0
+    np.testing.assert_allclose(head_in[kept], (feats / np.float32(0.8))[kept],
+                               rtol=2 * np.finfo(np.float32).eps, atol=0)
+    dropped = ~kept & (feats != 0)
+    frac = dropped.sum() / (feats != 0).sum()
+    # 0.2 of ~1280 Bernoulli draws: binomial sd ~0.011, so (0.1, 0.3) is ~9 sd wide.
+    assert 0.1 < frac < 0.3, frac
+    eval_feats, eval_in = _head_inputs(encoder, variables, x, False)
+    np.testing.assert_array_equal(eval_in, eval_feats)
+
+
+def test_head_input_option():
+    net = {"model": "seed_mobilenetv3_small", "model_kwargs": {"width": 0.25}, "head": "mlp",
+           "head_hidden": 0, "embed_dim": 8}
+    # Manifests without the key (all written before it existed) keep the plain feature.
+    assert models.build_encoder(net).head_dropout == 0.0
+    assert models.build_encoder({**net, "head_input": "features"}).head_dropout == 0.0
+    dropped = {**net, "head_input": "dropped"}
+    assert models.build_encoder(dropped).head_dropout == 0.2
+    assert models.build_encoder(
+        {**dropped, "model_kwargs": {"width": 0.25, "dropout": 0.3}}).head_dropout == 0.3
+    # lukemelas' EfficientNet: _dropout 0.2 before fc.
+    assert models.build_encoder({**dropped, "model": "seed_efficientnet_b0"}).head_dropout == 0.2
+    # A ResNet's fc has no dropout in front: the head sees the features as they are.
+    assert models.build_encoder({**dropped, "model": "resnet18"}).head_dropout == 0.0
+    with pytest.raises(ConfigError, match="head_input must be one of features, dropped"):
+        models.build_encoder({**net, "head_input": "dropout"})
+    with pytest.raises(ConfigError, match="num_classes=0"):
+        models.build_encoder({**dropped, "num_classes": 10})
+    # Exported manifests carry the key, so the trainer rebuilds the same network.
+    from disco_jax import methods
+
+    assert methods.encoder_manifest(dropped)["head_input"] == "dropped"
+    assert "head_input" not in methods.encoder_manifest(net)

@@ -17,7 +17,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
-from tests.helpers import random_variables
+from tests.helpers import load_config, random_variables
 from tests.test_models import TORCHVISION_PARAMS
 
 
@@ -97,6 +97,9 @@ def _lukemelas_efficientnet(depth_mult: float, classes: int) -> int:
 # resnet32 0.47M, resnet56 0.86M, resnet110 (bottleneck) 1.17M, WRN-16-2 0.70M, WRN-40-2 2.26M,
 # WRN-28-4 5.87M.
 ZOO = {
+    # torchvision's resnet18 (11,689,512) less its second basic block in each stage
+    # (73,984 + 295,424 + 1,180,672 + 4,720,640 parameters).
+    "resnet10": (5_418_792, 1000, 512, 224),
     "efficientnet_b0": (5_288_548, 1000, 1280, 224),
     "efficientnet_b1": (7_794_184, 1000, 1280, 224),
     "wide_resnet50_2": (68_883_240, 1000, 2048, 224),
@@ -129,6 +132,7 @@ CLASSIFIER = {
     "mobilenetv3": "classifier",
     "wide": "fc",
     "swav": "fc",
+    "resnet10": "fc",  # torchvision's layout (the CIFAR resnet32/56/110 have `classifier`)
     "resnet": "classifier",
     "wrn": "fc",
 }
@@ -318,3 +322,31 @@ def test_model_listing_uses_native_settings(capsys, monkeypatch):
     assert out[1].split()[:2] == ["resnet32", "472,756"] and out[1].endswith("32 px, 100 classes")
     assert out[2].split()[:2] == ["mobilenet_v3_small", "2,542,856"]
     assert out[2].endswith("224 px, 1000 classes") and "32 px / 100 classes" in out[-1]
+
+
+
+def test_seed_efficientnet_recipes_train_with_drop_connect():
+    """SEED's EfficientNet student (lukemelas: drop_connect_rate 0.2) drops residual branches in
+    train mode: the pooled features (before the head's dropout) differ between two dropout
+    rngs; in eval mode they do not."""
+    cfg = load_config("seed_effb0.py:smoke")
+    # The small-patch recipe trains the same student.
+    assert load_config("seed_multicrop_effb0.py:smoke").student == cfg.student
+    assert cfg.student.model == "seed_efficientnet_b0"
+    encoder = models.build_encoder(cfg.student)
+    assert encoder.backbone.stochastic_depth_prob == 0.2 and encoder.head_dropout == 0.2
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    variables = random_variables(_shapes(encoder, x.shape)[0])
+
+    def features(train, v, key):
+        out = encoder.apply(v, x, train=train, mutable=["batch_stats"] if train else False,
+                            rngs={"dropout": key})
+        return (out[0] if train else out)["features"]
+
+    keys = [jax.random.key(k, impl="rbg") for k in (2, 3, 2)]
+    train = _jit(functools.partial(features, True))
+    a, b, a2 = (np.asarray(train(variables, k)) for k in keys)
+    np.testing.assert_array_equal(a, a2)  # the rng alone decides (without drop-connect: a == b)
+    assert not np.array_equal(a, b)
+    evaluate = _jit(functools.partial(features, False))
+    np.testing.assert_array_equal(evaluate(variables, keys[0]), evaluate(variables, keys[1]))

@@ -83,3 +83,135 @@ def test_lars_skips_bn_and_bias_in_trust_ratio_and_weight_decay_with_kernels_mas
         g = np.full((3, 3), 0.5 + wd * 2.0)
         trust = 1e-3 * np.linalg.norm(np.full((3, 3), 2.0)) / np.linalg.norm(g)
         np.testing.assert_allclose(np.asarray(upd["conv"]["kernel"]), -lr * trust * g, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up from 0 and cosine after the warm-up, against the official formulas (float64)
+
+
+def official_paddle_cosine_warmup(step, *, lr, step_each_epoch, epochs, warmup_epoch=5):
+    """PaddleClas 2.0 `CosineWarmup`: LinearWarmup(start_lr=0, end_lr=lr) over
+    warmup_epoch * step_each_epoch steps, then CosineAnnealingDecay(lr,
+    T_max=step_each_epoch * (epochs - warmup_epoch)) stepped from 0 (eta_min 0)."""
+    warmup_steps = warmup_epoch * step_each_epoch
+    if step < warmup_steps:
+        return 0.0 + (lr - 0.0) * step / warmup_steps
+    t_max = step_each_epoch * (epochs - warmup_epoch)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / t_max))
+
+
+def official_simclr(step, *, base_lr, batch, num_examples, warmup_epochs, train_epochs):
+    """google-research/simclr `WarmUpAndCosineDecay` (learning_rate_scaling="linear")."""
+    warmup_steps = int(round(warmup_epochs * num_examples // batch))
+    scaled_lr = base_lr * batch / 256.0
+    lr = step / float(warmup_steps) * scaled_lr if warmup_steps else scaled_lr
+    total_steps = num_examples * train_epochs // batch + 1  # get_train_steps
+    decay_steps = total_steps - warmup_steps
+    cosine = scaled_lr * 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, decay_steps)
+                                             / decay_steps))
+    return lr if step < warmup_steps else cosine
+
+
+def official_byol(step, *, base_lr, batch, total_steps, warmup_steps):
+    """deepmind-research/byol `schedules.learning_schedule`."""
+    scaled_lr = base_lr * batch / 256.0
+    lr = step / warmup_steps * scaled_lr if warmup_steps > 0 else scaled_lr
+    t = min(step - warmup_steps, total_steps - warmup_steps)
+    cosine = scaled_lr * 0.5 * (1 + math.cos(math.pi * t / (total_steps - warmup_steps)))
+    return lr if step < warmup_steps else cosine
+
+
+def _schedule_for(config_name: str, *, steps_per_epoch: int, total_steps: int = 0):
+    """(stage config, schedule) of every stage of a recipe, its optimizer block through
+    `lr_schedule` as the trainer builds it; total_steps 0: the stage's own epochs."""
+    from tests.helpers import load_config
+
+    cfg = load_config(config_name)
+    stages = [cfg.stages[s] for s in cfg.stage_order] if "stages" in cfg else [cfg]
+    out = []
+    for c in stages:
+        optim.validate(c.optimizer)
+        out.append((c, optim.lr_schedule(
+            global_batch=c.batch_size, steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps or c.total_epochs * steps_per_epoch,
+            **optim.schedule_options(c.optimizer))))
+    return out
+
+
+def _all_steps(sched, n: int) -> np.ndarray:
+    return np.asarray(jax.jit(sched)(jnp.arange(n)), np.float64)
+
+
+def _assert_lr_close(got, want, lr_max):
+    # float32 against float64: ~1e-7 relative per op; near the end of the cosine
+    # (1 + cos ~ 0) the error is absolute, a few float32 ulps of lr_max.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * lr_max)
+
+
+def test_ssld_recipe_schedule_is_paddleclas_cosine_warmup():
+    # Both stages (distill 360 epochs, fine-tune 30): the SSLD docs' "cosine_decay_warmup".
+    spe = 7
+    stages = _schedule_for("ssld_mbv3.py", steps_per_epoch=spe)
+    assert [c.total_epochs for c, _ in stages] == [360, 30]
+    for cfg, sched in stages:
+        lr = cfg.optimizer.base_lr * cfg.batch_size / 256  # the docs' total lr
+        n = cfg.total_epochs * spe
+        want = [official_paddle_cosine_warmup(s, lr=lr, step_each_epoch=spe,
+                                              epochs=cfg.total_epochs) for s in range(n)]
+        got = _all_steps(sched, n)
+        _assert_lr_close(got, want, lr)
+        assert got[0] == 0.0 and got[5 * spe] == pytest.approx(lr, rel=1e-6)
+
+
+def test_simclr_recipe_schedule_is_warmup_and_cosine_decay():
+    batch, spe, epochs = 4096, 10, 100
+    num_examples = batch * spe
+    total = num_examples * epochs // batch + 1  # SimCLR's own run length
+    [(cfg, sched)] = _schedule_for("simclr_r50.py", steps_per_epoch=spe, total_steps=total)
+    assert cfg.batch_size == batch
+    want = [official_simclr(s, base_lr=0.3, batch=batch, num_examples=num_examples,
+                            warmup_epochs=10, train_epochs=epochs) for s in range(total)]
+    _assert_lr_close(_all_steps(sched, total), want, 0.3 * batch / 256)
+
+
+def test_byol_recipe_schedule_is_learning_schedule():
+    batch, spe, epochs = 4096, 10, 300
+    total = epochs * spe
+    [(cfg, sched)] = _schedule_for("byol_r50.py", steps_per_epoch=spe, total_steps=total)
+    want = [official_byol(s, base_lr=cfg.optimizer.base_lr, batch=batch, total_steps=total,
+                          warmup_steps=10 * spe) for s in range(total)]
+    _assert_lr_close(_all_steps(sched, total), want, cfg.optimizer.base_lr * batch / 256)
+
+
+def test_warmup_from_zero_and_cosine_after_warmup_each_alone():
+    # Per-epoch granularity too: SEED's formula with the warm-up from 0, cosine over all epochs.
+    spe, epochs, batch = 4, 20, 512
+    sched = optim.lr_schedule(base_lr=0.05, global_batch=batch, steps_per_epoch=spe,
+                              total_steps=epochs * spe, warmup_epochs=5, warmup_from="zero")
+    lr_max = 0.05 * batch / 256
+    for step in range(epochs * spe):
+        e = step // spe
+        want = (lr_max * e / 5 if e < 5
+                else lr_max * 0.5 * (1 + math.cos(math.pi * e / epochs)))
+        np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-8)
+    sched = optim.lr_schedule(base_lr=0.05, global_batch=batch, steps_per_epoch=spe,
+                              total_steps=epochs * spe, warmup_epochs=5, cosine_after_warmup=True)
+    for step in range(epochs * spe):
+        e = step // spe
+        want = (0.05 + (lr_max - 0.05) * e / 5 if e < 5
+                else lr_max * 0.5 * (1 + math.cos(math.pi * (e - 5) / (epochs - 5))))
+        np.testing.assert_allclose(float(sched(step)), want, rtol=1e-5, atol=1e-8)
+
+
+def test_schedule_options_are_validated():
+    base = {"name": "sgd", "base_lr": 0.1, "warmup_epochs": 5.0, "decay": "cosine"}
+    optim.validate(base)
+    for extra, match in (({"warmup_from": "one"}, "warmup_from"),
+                         ({"cosine_after_warmup": 1}, "cosine_after_warmup"),
+                         ({"cosine_after_warmup": True, "decay": "step"}, "decay='cosine'"),
+                         ({"granularity": "batch"}, "granularity")):
+        with pytest.raises(ConfigError, match=match):
+            optim.validate({**base, **extra})
+    with pytest.raises(ConfigError, match="no epochs for the cosine"):
+        optim.lr_schedule(base_lr=0.1, global_batch=256, steps_per_epoch=10, total_steps=50,
+                          warmup_epochs=5, cosine_after_warmup=True)

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from disco_jax import checkpoint, config_lib, data, methods, train
-from tests.helpers import load_config, read_metrics
+from tests.helpers import group_permutation, load_config, permute_batches, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,45 +74,36 @@ def _flat(tree) -> np.ndarray:
         np.float64)
 
 
-def _permuted(stream, perm: np.ndarray):
-    """`train.train_stream` with every batch's rows reordered by `perm` (all views alike)."""
-    import tensorflow as tf
-
-    def train_stream(*args, **kwargs):
-        return stream(*args, **kwargs).map(
-            lambda b: {key: tf.gather(v, perm) for key, v in b.items()})
-
-    return train_stream
-
-
 def test_moco_v2_8_devices_equals_1_device(tmp_path, data_dir, monkeypatch):
     """Step 1 of moco_v2_r50:smoke on 8 and on 1 device, against float32 noise of this CPU.
 
     Not bitwise: the 8-device step sums BN statistics and gradients in another order, and this
     smoke ResNet-50 normalises tiny maps over 16 images, whose BN backward cancels, so the
     gradient is only good to ~1e-3 relative whatever the device count. The tolerance is measured
-    in this run, never copied: a third run repeats the 1-device step with the batch permuted,
-    which leaves the step's math unchanged (global BN, batch-mean loss and gradients;
-    augmentation off, as its per-example keys follow the batch position) and only reorders the
-    float32 sums. Its distance from the 1-device run is this CPU's reduction-order noise; the
-    8-device run must lie within 10x that: two reorderings of the same sums differ on the same
-    scale (ratios of such distances of 1.0-3 seen here and in test_multihost), 10 leaves room.
-    A sharding bug moves far more: unaveraged gradients scale them by 8, and per-device BN
-    (tried with per-device key BN, loss.key_bn="shuffle") moves the loss by 3.5e-2 and the
-    gradient by 80%, while the tolerances it met were 6e-4 and 2%.
+    in this run, never copied: a third run repeats the 1-device step with the batch rows
+    reordered within their BN groups (the recipe's shuffle-BN over 2 groups of 8 here, its
+    shuffle composed with the reordering: `helpers.permute_batches`), which leaves the step's
+    math unchanged (the same BN groups, batch-mean loss and gradients; augmentation off, as its
+    per-example keys follow the batch position) and only reorders the float32 sums. Its
+    distance from the 1-device run is this CPU's reduction-order noise; the 8-device run must
+    lie within 10x that: two reorderings of the same sums differ on the same scale (ratios of
+    such distances of 1.0-3 seen here and in test_multihost), 10 leaves room. A sharding bug
+    moves far more: unaveraged gradients scale them by 8, and BN groups that follow the devices
+    (tried before the groups were fixed in size) moved the loss by 3.5e-2 and the gradient by
+    80%, while the tolerances it met were 6e-4 and 2%.
     """
-    stream = train.train_stream
     runs = {}
     for name, n, permuted in (("8", 8, False), ("1", 1, False), ("1p", 1, True)):
         cfg = load_config("moco_v2_r50.py:smoke", data_dir)
+        assert cfg.loss.key_bn == "shuffle" and cfg.batch_size // cfg.loss.bn_group_size == 2
         cfg.mesh.num_devices, cfg.eval.enabled = n, False
         cfg.log_every_steps, cfg.stop_at_step = 1, 1
         cfg.augment.jitter_p = cfg.augment.gray_p = cfg.augment.blur_p = 0.0
-        perm = np.random.default_rng(0).permutation(cfg.batch_size) if permuted else None
-        if permuted:
-            monkeypatch.setattr(train, "train_stream", _permuted(stream, perm))
-        train.run(cfg, str(tmp_path / name))
-        monkeypatch.setattr(train, "train_stream", stream)
+        perm = group_permutation(cfg) if permuted else None
+        with monkeypatch.context() as m:
+            if permuted:
+                permute_batches(m, perm)
+            train.run(cfg, str(tmp_path / name))
         row = read_metrics(str(tmp_path / name))[0]
         step, state = final_state(str(tmp_path / name))
         assert row["step"] == step == 1
@@ -163,28 +154,34 @@ def test_seed_8_devices_equals_1_device_and_is_deterministic(tmp_path, data_dir,
                                                              monkeypatch):
     """seed_mbv3:smoke, 3 steps: bitwise deterministic on 8 devices, and 8 devices == 1 device
     up to float32 noise of this CPU, measured in this run as in test_moco_v2_8_devices_equals_1_
-    device: a fourth run repeats the 1-device one with every batch permuted (augmentation off in
-    all runs, as its per-example keys follow the batch position; augmented runs are compared
-    across device counts in test_multihost), the same math with the float32 sums of global BN
-    and batch-mean gradients in another order; the 8-device run must lie within 10x its
+    device: a fourth run repeats the 1-device one with every batch's rows reordered within the
+    student's BN groups (2 groups of 8; augmentation off in all runs, as its per-example keys
+    follow the batch position; augmented runs are compared across device counts in
+    test_multihost), the same math with the float32 sums of the group BN and batch-mean
+    gradients in another order; the 8-device run must lie within 10x its
     distance from the 1-device run (+ one float32 rounding per entry). Seen here: 0.3x
     (params), 0.03x (BN statistics), 0.4x (momentum), losses 7e-7 vs noise 2e-6, queue 0.9x.
-    A sharding bug moves far more (tried): per-device student BN (`common.grouped_forward`, 8
-    groups) moves the step-1 loss by 4e-3 against a tolerance of 3e-5, and the parameters by
-    orders of magnitude more than theirs; the queue's rows rolled by one device's 2 rows lie
-    0.55 relative L2 from the float64 reference, the teacher run with per-device train-mode BN
-    0.53, against a tolerance of 2e-5.
+    A sharding bug moves far more (tried, when the recipe still used global BN): BN groups of
+    one device's 2 images moved the step-1 loss by 4e-3 against a tolerance of 3e-5, and the
+    parameters by orders of magnitude more than theirs; the queue's rows rolled by one device's
+    2 rows lie 0.55 relative L2 from the float64 reference, the teacher run with per-device
+    train-mode BN 0.53, against a tolerance of 2e-5.
     """
     assert jax.device_count() == 8
     stream, calls = train.train_stream, []
-    perm = np.random.default_rng(0).permutation(16)
     runs = {}
-    for name, n, patch in [("a8", 8, None), ("b1", 1, _recording(stream, calls)), ("c8", 8, None),
-                           ("p1", 1, _permuted(stream, perm))]:
+    for name, n, record in [("a8", 8, False), ("b1", 1, True), ("c8", 8, False), ("p1", 1, False)]:
         cfg = seed_config(data_dir, teacher_dir, total_steps=3, **{"mesh.num_devices": n})
         cfg.augment.jitter_p = cfg.augment.gray_p = cfg.augment.blur_p = 0.0
-        monkeypatch.setattr(train, "train_stream", patch or stream)
-        train.run(cfg, str(tmp_path / name))
+        # The recipe's head dropout draws its mask by row position, as augmentation does.
+        cfg.student.head_input = "features"
+        perm = group_permutation(cfg)  # rows reordered within the student's 2 BN groups of 8
+        with monkeypatch.context() as m:
+            if record:
+                m.setattr(train, "train_stream", _recording(stream, calls))
+            if name == "p1":
+                permute_batches(m, perm)
+            train.run(cfg, str(tmp_path / name))
         runs[name] = (read_metrics(str(tmp_path / name)), final_state(str(tmp_path / name))[1])
     monkeypatch.setattr(train, "train_stream", stream)
     # The queue was trained and checkpointed sharded P("data", None): 8 rows of 64 per device.
@@ -290,17 +287,32 @@ def test_demo_smoke_runs_all_stages(tmp_path, data_dir):
     from disco_jax import main as main_mod
 
     cfg = load_config("demo.py:smoke", data_dir)
+    cfg.seeds = (0, 1)  # two seeds (the demo runs 3): the rows are means over seed runs
+    cfg.seeded = ("seed",)  # one seeded stage keeps the test cheap
     summary = main_mod.run_stages(cfg, str(tmp_path))
-    stages = ["teacher", "baseline", "seed", "disco", "kd"]
-    assert set(summary["stages"]) == set(stages)
+    stages = ["teacher", "baseline", "seed", "disco", "pixels", "random_init"]
+    assert list(summary["stages"]) == stages
     table = json.load(open(tmp_path / "results.json"))
-    assert [r["stage"] for r in table["rows"]] == stages
-    for row in table["rows"]:
+    rows = {r["stage"]: r for r in table["rows"]}
+    assert list(rows) == stages
+    for row in rows.values():
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
+    # The seeded row: both runs in their own workdir, mean and sample std of their results.
+    runs = [json.load(open(tmp_path / "seed" / f"seed{k}" / "results.json")) for k in (0, 1)]
+    assert rows["seed"]["seeds"] == [0, 1]
+    for m in ("knn_top1", "linear_top1"):
+        values = np.array([r[m] for r in runs])
+        np.testing.assert_allclose(rows["seed"][m], values.mean(), rtol=1e-12)
+        np.testing.assert_allclose(rows["seed"][f"{m}_std"], values.std(ddof=1), rtol=1e-9,
+                                   atol=1e-12)
+    assert rows["teacher"]["seeds"] == [0] and rows["teacher"]["knn_top1_std"] == 0.0
+    # Reference rows: evaluated, not trained; random_init is the teacher's network.
+    assert rows["pixels"]["train_steps"] == rows["random_init"]["train_steps"] == 0
+    assert rows["random_init"]["backbone"] == "resnet10" and rows["pixels"]["backbone"] == "-"
+    assert os.path.exists(tmp_path / "pixels" / "eval.json")
     md = open(tmp_path / "results.md").read()
-    assert "| seed | seed | mobilenet_v3_large" in md
-    for stage in ("seed", "disco", "kd"):  # the distilled rows name their teacher
-        assert f"| {stage} | {stage} | mobilenet_v3_large | 0.25 | resnet18 |" in md
+    assert "| seed | seed | resnet10 | 0.25 | resnet10 |" in md  # smoke: width 0.25
+    assert "±" in md.split("| seed | seed |")[1].splitlines()[0]
 
 
 def test_config_arg_parsing_is_typed():

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from disco_jax.eval.knn import ShardedBank
 
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# The CPU backend aborts the process when one fake device's thread reaches a collective 40 s
+# after the others (seen on a busy 2-core machine: "Termination timeout for `all gather`");
+# a benchmark on a shared machine waits instead.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +75,10 @@ def force_host_devices(n: int) -> None:
     if "jax" in sys.modules:
         print(f"warning: jax already imported; {HOST_DEVICES_FLAG}={n} has no effect",
               file=sys.stderr)
-    os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={n}".strip()
+    extra = f"{HOST_DEVICES_FLAG}={n}"
+    if COLLECTIVE_TIMEOUT_FLAG not in flags:
+        extra += f" {COLLECTIVE_TIMEOUT_FLAG}=3600"
+    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
 
 
 def _device_rows(mesh: Mesh, n_pad: int, dim: int, seed: int) -> jax.Array:
@@ -136,6 +143,42 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+class ChunkClock:
+    """`query_bank`'s on_chunk hook: the wall time of every chunk, and a progress line with
+    the rate and ETA every `every_s` seconds. The median chunk rate is what a shared machine
+    reports least disturbed (a chunk slowed by another job is an outlier, not the median)."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.every_s = every_s
+        self.t0 = self._last = self._prev = time.perf_counter()
+        self.chunk_s: list[float] = []
+        self.chunk_rows: list[int] = []
+        self._done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        from disco_jax.eval.common import format_eta
+
+        now = time.perf_counter()
+        self.chunk_s.append(now - self._prev)
+        self.chunk_rows.append(done - self._done)
+        self._prev, self._done = now, done
+        if now - self._last >= self.every_s or done == total:
+            self._last = now
+            rate = done / (now - self.t0)
+            eta = format_eta((total - done) / rate)
+            print(f"queries {done}/{total}, {rate:.1f} q/s, ETA {eta}", file=sys.stderr,
+                  flush=True)
+
+    def median_rate(self) -> float:
+        rates = [r / s for r, s in zip(self.chunk_rows, self.chunk_s, strict=True)]
+        return float(np.median(rates)) if rates else float("nan")
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
@@ -157,7 +200,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     knobs = {"num_classes": args.classes, "ks": ks, "temp": args.temp, "chunk": chunk}
     # One chunk first: the first execution's one-off costs stay out of the timed run.
     _, warmup_s = _timed(query_bank, bank, queries[:chunk], query_labels[:chunk], **knobs)
-    metrics, query_s = _timed(query_bank, bank, queries, query_labels, **knobs)
+    clock, cpu0 = ChunkClock(), _cpu_s()
+    metrics, query_s = _timed(query_bank, bank, queries, query_labels, on_chunk=clock, **knobs)
+    query_cpu_s = _cpu_s() - cpu0
 
     feats_shard = bank.feats.addressable_shards[0].data
     labels_shard = bank.labels.addressable_shards[0].data
@@ -186,6 +231,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_chunk_s": round(warmup_s, 3),
         "query_s": round(query_s, 3),
         "queries_per_s": round(args.queries / query_s, 1),
+        "median_chunk_queries_per_s": round(clock.median_rate(), 1),
+        "query_process_cpu_s": round(query_cpu_s, 1),
+        "host_cpus": os.cpu_count(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "metrics_percent": metrics,  # random data: chance level, a smoke value only
         "device_kind": devices[0].device_kind,
         "platform": devices[0].platform,

@@ -13,6 +13,7 @@ from disco_jax.data.pipeline import (
     steps_per_epoch,
     to_global,
     train_dataset,
+    validate,
 )
 from disco_jax.data.sources import DataSource, get_source
 
@@ -28,4 +29,5 @@ __all__ = [
     "steps_per_epoch",
     "to_global",
     "train_dataset",
+    "validate",
 ]

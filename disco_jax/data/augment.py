@@ -8,15 +8,29 @@ Semantics follow torchvision, which MoCo-v2 uses (methods.md §1):
 ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (the four ops in a random order per example),
 RandomGrayscale(p=0.2), GaussianBlur(sigma in [0.1, 2]) with p=0.5, then Normalize.
 Every example draws its own randomness. All maths is float32 on the [0, 1] scale.
+
+Beyond MoCo-v2: solarisation (BYOL, `solarize_p`, off by default) after the blur, as
+deepmind-research/byol `augmentations.py` orders them; per-view settings (`view2`: overrides
+for the second view, which a method asks for with `view=2`; empty by default, so both views
+share one augmentation); the normalisation statistics (`mean`/`std`, ImageNet's by default;
+CIFAR recipes pass their own).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
+from disco_jax.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# winycg/MCL and L-MCL main_cifar.py: transforms.Normalize of CIFAR-100.
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma
 
 # Colour-jitter op ids, in torchvision's order.
@@ -28,9 +42,10 @@ def _gray(x: jax.Array) -> jax.Array:
     return x @ jnp.asarray(GRAY_WEIGHTS, jnp.float32)[:, None]
 
 
-def _normalize_unit(x: jax.Array, out_dtype) -> jax.Array:
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+def _normalize_unit(x: jax.Array, out_dtype, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
     return ((x - mean) / std).astype(out_dtype)
 
 
@@ -38,9 +53,22 @@ def _to_unit(images_uint8: jax.Array) -> jax.Array:
     return images_uint8.astype(jnp.float32) / 255.0
 
 
-def normalize(images_uint8: jax.Array, out_dtype=jnp.float32) -> jax.Array:
-    """Eval path: uint8 NHWC -> ImageNet mean/std normalised `out_dtype`."""
-    return _normalize_unit(_to_unit(images_uint8), out_dtype)
+def normalize(images_uint8: jax.Array, out_dtype=jnp.float32,
+              mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+    """Eval path: uint8 NHWC -> (x / 255 - mean) / std as `out_dtype` (ImageNet's statistics
+    unless the run's `data.mean` / `data.std` are passed)."""
+    return _normalize_unit(_to_unit(images_uint8), out_dtype, mean, std)
+
+
+def check_stats(mean: Any, std: Any, where: str = "data") -> None:
+    """`mean` / `std`: three numbers each (RGB), every std positive."""
+    for name, value in (("mean", mean), ("std", std)):
+        if not isinstance(value, Sequence) or len(value) != 3 or not all(
+                isinstance(v, (int, float)) for v in value):
+            raise ConfigError(f"{where}.{name} must be three numbers (R, G, B), got {value!r}")
+    if min(std) <= 0:
+        raise ConfigError(f"{where}.std must be positive, got {tuple(std)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +188,38 @@ def _gaussian_blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
+# Solarisation
+
+
+def solarize(x: jax.Array, threshold: float = 0.5) -> jax.Array:
+    """BYOL's `_solarize_single_image`: values at or above `threshold` become 1 - x."""
+    return jnp.where(x < threshold, x, 1.0 - x)
+
+
+# ---------------------------------------------------------------------------------------------
+
+# The per-view settings `mocov2_augment` takes (and `view2` may override).
+OPTIONS = ("jitter_p", "brightness", "contrast", "saturation", "hue", "gray_p", "blur_p",
+           "blur_sigma", "solarize_p", "solarize_threshold")
+_PROBABILITIES = ("jitter_p", "gray_p", "blur_p", "solarize_p")
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """The `augment` config block (and its `view2` overrides): one-line ConfigErrors."""
+    view2 = dict(cfg.get("view2", None) or {})
+    bad = sorted(set(view2) - set(OPTIONS))
+    if bad:
+        raise ConfigError(f"augment.view2.{bad[0]} is not an augmentation option; valid:"
+                          f" {', '.join(OPTIONS)}")
+    for where, settings in (("augment", cfg), ("augment.view2", view2)):
+        for name in _PROBABILITIES:
+            if name in settings and not 0.0 <= float(settings[name]) <= 1.0:
+                raise ConfigError(f"{where}.{name} must be a probability in [0, 1], got"
+                                  f" {settings[name]!r}")
+        sigma = settings.get("blur_sigma", None)
+        if sigma is not None and not (len(sigma) == 2 and 0 < sigma[0] <= sigma[1]):
+            raise ConfigError(f"{where}.blur_sigma must be (min, max) with 0 < min <= max, got"
+                              f" {sigma!r}")
 
 
 def mocov2_augment(
@@ -174,32 +234,60 @@ def mocov2_augment(
     gray_p: float = 0.2,
     blur_p: float = 0.5,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
+    solarize_p: float = 0.0,
+    solarize_threshold: float = 0.5,
+    view: int = 1,
+    view2: Mapping[str, Any] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     out_dtype=jnp.float32,
 ) -> jax.Array:
     """MoCo-v2 photometric augmentation of uint8 NHWC (RGB) crops -> normalised `out_dtype`.
 
-    Each example gets its own key. Each op is computed for every example and selected with
-    `where`: cheaper on an accelerator than branching, and it keeps the function jittable.
+    `view=2` applies the `view2` overrides (any of `OPTIONS`) on top of the other settings:
+    BYOL's second view, e.g. view2={"blur_p": 0.1, "solarize_p": 0.2}. Each example gets its
+    own key. Each op is computed for every example and selected with `where`: cheaper on an
+    accelerator than branching, and it keeps the function jittable.
     """
     if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3:
         raise ValueError(f"expected uint8 NHWC RGB images, got shape {images_uint8.shape}")
+    if view not in (1, 2):
+        raise ValueError(f"view must be 1 or 2, got {view!r}")
+    s = {"jitter_p": jitter_p, "brightness": brightness, "contrast": contrast,
+         "saturation": saturation, "hue": hue, "gray_p": gray_p, "blur_p": blur_p,
+         "blur_sigma": blur_sigma, "solarize_p": solarize_p,
+         "solarize_threshold": solarize_threshold}
+    if view == 2 and view2:
+        bad = sorted(set(view2) - set(OPTIONS))
+        if bad:
+            raise ValueError(f"view2 overrides unknown augmentation options {bad}")
+        s.update(view2)
 
     def one(key: jax.Array, image: jax.Array) -> jax.Array:
         k_jit, k_jit_p, k_gray_p, k_blur, k_blur_p = jax.random.split(key, 5)
         x = _to_unit(image)
-        if jitter_p > 0:
-            jittered = _color_jitter(k_jit, x, brightness, contrast, saturation, hue)
-            x = jnp.where(jax.random.uniform(k_jit_p) < jitter_p, jittered, x)
-        if gray_p > 0:
+        if s["jitter_p"] > 0:
+            jittered = _color_jitter(k_jit, x, s["brightness"], s["contrast"],
+                                     s["saturation"], s["hue"])
+            x = jnp.where(jax.random.uniform(k_jit_p) < s["jitter_p"], jittered, x)
+        if s["gray_p"] > 0:
             gray = jnp.broadcast_to(_gray(x), x.shape)
-            x = jnp.where(jax.random.uniform(k_gray_p) < gray_p, gray, x)
-        if blur_p > 0:
-            sigma = jax.random.uniform(k_blur, (), jnp.float32, blur_sigma[0], blur_sigma[1])
-            x = jnp.where(jax.random.uniform(k_blur_p) < blur_p, _gaussian_blur(x, sigma), x)
+            x = jnp.where(jax.random.uniform(k_gray_p) < s["gray_p"], gray, x)
+        if s["blur_p"] > 0:
+            lo, hi = s["blur_sigma"]
+            sigma = jax.random.uniform(k_blur, (), jnp.float32, lo, hi)
+            x = jnp.where(jax.random.uniform(k_blur_p) < s["blur_p"],
+                          _gaussian_blur(x, sigma), x)
+        if s["solarize_p"] > 0:
+            # Its own key (folded in), so the draws above stay those of the MoCo-v2 path.
+            k_sol = jax.random.fold_in(key, 5)
+            x = jnp.where(jax.random.uniform(k_sol) < s["solarize_p"],
+                          solarize(x, s["solarize_threshold"]), x)
         return x
 
     keys = jax.random.split(rng, images_uint8.shape[0])
-    return _normalize_unit(jax.vmap(one)(keys, images_uint8), out_dtype)
+    return _normalize_unit(jax.vmap(one)(keys, images_uint8), out_dtype, mean, std)
 
 
-__all__ = ["mocov2_augment", "normalize", "blur_kernel_size", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["mocov2_augment", "normalize", "solarize", "validate", "check_stats", "OPTIONS",
+           "blur_kernel_size", "IMAGENET_MEAN", "IMAGENET_STD"]

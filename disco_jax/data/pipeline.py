@@ -1,8 +1,9 @@
 """Host input pipeline: tf.data streams of uint8 batches, then global jax.Arrays.
 
-The host only decodes, random-resized-crops and flips, and emits uint8. Colour jitter, grayscale,
-blur and normalisation run on the accelerator (`augment.py`). perf.md §5 measured the full
-MoCo-v2 augmentation on the host at ~28 img/s/core in tf.data, far too slow to feed a GPU.
+The host only decodes, crops (random-resized, or CIFAR's zero-padded random crop) and flips, and
+emits uint8. Colour jitter, grayscale, blur and normalisation run on the accelerator
+(`augment.py`). perf.md §5 measured the full MoCo-v2 augmentation on the host at ~28 img/s/core
+in tf.data, far too slow to feed a GPU.
 
 The training stream is a pure function of (seed, step):
 * the epoch-e order is a shuffle seeded from (seed, e);
@@ -136,6 +137,36 @@ def _random_view(
     return _to_rgb(_to_uint8(view))
 
 
+def _pad_crop_view(
+    image: tf.Tensor, key: tf.Tensor, image_size: int, padding: int, flip_p: float = 0.5
+) -> tf.Tensor:
+    """torchvision RandomCrop(S, padding=p) (zero fill) + horizontal flip -> uint8 SxSx3.
+
+    The CIFAR recipe (winycg/MCL `main_cifar.py`, and most CIFAR training scripts): pad the
+    SxS image by p zeros on every side, then cut an SxS window at integer offsets drawn
+    uniformly from [0, 2p] (torch.randint(0, H + 2p - S + 1)). An image that is not SxS is
+    first resized to SxS (a no-op for CIFAR at 32; the eval view resizes such images too).
+    """
+    k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
+    shape = tf.shape(image)
+    image = tf.cond(
+        (shape[0] == image_size) & (shape[1] == image_size),
+        lambda: tf.cast(image, tf.float32),
+        lambda: _resize(image, [image_size, image_size]),
+    )
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    span = 2 * padding + 1
+    offsets = tf.minimum(tf.floor(_uniform(k_crop, [2]) * span), span - 1)  # u -> 1 guard
+    offsets = tf.cast(offsets, tf.int32)
+    view = tf.slice(padded, tf.stack([offsets[0], offsets[1], 0]),
+                    [image_size, image_size, -1])
+    view = tf.cond(_uniform(k_flip, []) < flip_p, lambda: tf.reverse(view, [1]), lambda: view)
+    return _to_rgb(_to_uint8(view))
+
+
+TRAIN_CROPS = ("random_resized", "pad_crop")
+
+
 def _eval_view(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Resize short side to image_size/0.875 then centre-crop; small images are just resized."""
     shape = tf.shape(image)
@@ -165,6 +196,24 @@ def _eval_view(image: tf.Tensor, image_size: int) -> tf.Tensor:
 # Datasets
 
 
+def validate(data_cfg, augment_cfg=None) -> None:
+    """The `data` options the pipeline and the normalisation read (and the `augment` block):
+    one-line ConfigErrors before anything is built."""
+    from disco_jax.data import augment
+
+    train_crop = data_cfg.get("train_crop", "random_resized")
+    if train_crop not in TRAIN_CROPS:
+        raise ConfigError(f"data.train_crop must be one of {', '.join(TRAIN_CROPS)}, got"
+                          f" {train_crop!r}")
+    padding = data_cfg.get("crop_padding", 4)
+    if not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ConfigError(f"data.crop_padding must be an integer >= 0, got {padding!r}")
+    augment.check_stats(data_cfg.get("mean", augment.IMAGENET_MEAN),
+                        data_cfg.get("std", augment.IMAGENET_STD))
+    if augment_cfg is not None:
+        augment.validate(augment_cfg)
+
+
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or value <= 0:
@@ -187,6 +236,8 @@ def train_dataset(
     image_size: int,
     crop_scale: tuple[float, float] = (0.2, 1.0),
     flip_p: float = 0.5,
+    train_crop: str = "random_resized",
+    crop_padding: int = 4,
     local_batch: int,
     seed: int,
     start_step: int = 0,
@@ -208,9 +259,17 @@ def train_dataset(
     `with_index=True` adds `index`, each example's int64 position in the split (memory banks).
     `per_class=m` replaces the epoch shuffle by a class-balanced sampler (`class_balanced_ids`):
     every local batch is local_batch / m distinct classes with m examples each.
+    `train_crop` picks the large views' geometry: "random_resized" (RandomResizedCrop with
+    `crop_scale`, the ImageNet recipes) or "pad_crop" (RandomCrop with `crop_padding` zeros,
+    CIFAR); both then flip with `flip_p`. Multi-crop `crops` are always random-resized.
     """
     if views not in (1, 2):
         raise ConfigError(f"views must be 1 or 2, got {views!r}")
+    if train_crop not in TRAIN_CROPS:
+        raise ConfigError(f"data.train_crop must be one of {', '.join(TRAIN_CROPS)}, got"
+                          f" {train_crop!r}")
+    if not isinstance(crop_padding, (int, np.integer)) or crop_padding < 0:
+        raise ConfigError(f"data.crop_padding must be an integer >= 0, got {crop_padding!r}")
     _check_positive(image_size=image_size, local_batch=local_batch, shuffle_buffer=shuffle_buffer)
     lo, hi = (float(v) for v in crop_scale)
     if not 0.0 < lo <= hi <= 1.0:
@@ -252,18 +311,21 @@ def train_dataset(
         ds = ds.skip(tf.where(e == start_epoch, tf.constant(skip, tf.int64), 0))
         return ds.map(lambda pos, ex: (_fold_in(epoch_key, pos), ex))
 
+    def large_view(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+        if train_crop == "pad_crop":
+            return _pad_crop_view(image, key, image_size, int(crop_padding), flip_p)
+        return _random_view(image, key, image_size, (lo, hi), flip_p)
+
     def decode_and_crop(key: tf.Tensor, ex: dict) -> dict:
         image = source.decode(ex["image"])
         out = {"label": ex["label"]}
         if with_index:
             out["index"] = ex["index"]
         if views == 1:
-            out["image"] = _random_view(image, key, image_size, (lo, hi), flip_p)
+            out["image"] = large_view(image, key)
         else:
             for v in (1, 2):
-                out[f"view{v}"] = _random_view(
-                    image, _fold_in(key, v), image_size, (lo, hi), flip_p
-                )
+                out[f"view{v}"] = large_view(image, _fold_in(key, v))
         if small_crops:
             # Keys 100+i: independent of the large views' keys 1, 2.
             out["crops"] = tf.stack([

@@ -277,11 +277,21 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Iterable[int] = (1
 
 
 @functools.cache
-def _normalize_fn(dtype: Any) -> Callable:
+def _normalize_fn(dtype: Any, stats: tuple | None = None) -> Callable:
     from disco_jax import data
 
-    return functools.partial(data.normalize, out_dtype=dtype)
+    mean, std = stats or (data.augment.IMAGENET_MEAN, data.augment.IMAGENET_STD)
+    return functools.partial(data.normalize, out_dtype=dtype, mean=mean, std=std)
 
 
-def normalize(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    return _normalize_fn(dtype)(images)
+def norm_stats(data_cfg: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The run's input normalisation `(data.mean, data.std)`; None (ImageNet's) if unset."""
+    mean, std = data_cfg.get("mean", None), data_cfg.get("std", None)
+    return None if mean is None or std is None else (tuple(mean), tuple(std))
+
+
+def normalize(images: jax.Array, dtype: Any = jnp.float32, stats: tuple | None = None
+              ) -> jax.Array:
+    """uint8 images -> the network's input: (x / 255 - mean) / std, `stats` = (mean, std) of
+    the run the network was trained in (`norm_stats(env.data)`; None: ImageNet's)."""
+    return _normalize_fn(dtype, stats)(images)

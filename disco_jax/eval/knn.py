@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -291,12 +291,14 @@ def query_bank(
     ks: Sequence[int] = DEFAULT_KS,
     temp: float = 0.07,
     chunk: int = 1024,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Weighted-kNN top-1 / top-5 accuracy (in %) of the queries against a `ShardedBank`.
 
     Returns {"top1_k10": .., "top5_k10": .., ...} keyed by the requested ks; a k larger than the
     bank uses the whole bank. Top-5: the true label is among the min(5, num_classes) classes
-    with the largest vote.
+    with the largest vote. `on_chunk(done, total)` (queries) is called after each chunk has
+    finished; without it chunks are dispatched asynchronously and only the end waits.
     """
     ks = _check_ks(ks)
     temp = _check_temp(temp)
@@ -331,6 +333,9 @@ def query_bank(
             y = np.concatenate([y, np.zeros(chunk - len(y), np.int32)])
         q, y, valid = jax.device_put((q, y, valid), rep)
         counts.append(step(bank.feats, bank.labels, q, y, valid, temp_arr))  # async dispatch
+        if on_chunk is not None:
+            counts[-1].block_until_ready()
+            on_chunk(min(start + chunk, n_query), n_query)
     total = np.sum(np.stack(jax.device_get(counts)), axis=0)  # (len(clipped), 2)
     by_k = dict(zip(clipped, total.tolist(), strict=True))
     out: dict[str, float] = {}

@@ -128,10 +128,11 @@ class FineTuneNet(nn.Module):
         return {"features": feats.astype(jnp.float32), "logits": logits}
 
 
-def finetune_step(module: nn.Module, tx: optax.GradientTransformation, dtype: Any):
+def finetune_step(module: nn.Module, tx: optax.GradientTransformation, dtype: Any,
+                  norm: tuple | None = None):
     def step(state: dict, batch: dict) -> tuple[dict, jax.Array]:
         rng = jax.random.fold_in(state["rng"], state["step"])
-        images = common.normalize(batch["image"], dtype)
+        images = common.normalize(batch["image"], dtype, norm)
 
         def loss_fn(params):
             out, mutated = module.apply({"params": params, "batch_stats": state["batch_stats"]},
@@ -191,9 +192,10 @@ class Evaluator:
         state = {"params": params, "batch_stats": stats, "opt": tx.init(params),
                  "step": jnp.zeros((), jnp.int32),
                  "rng": jax.random.PRNGKey(self.env.seed + 1)}
-        state = self.training.run(state, finetune_step(net, tx, dtype), tag=model.tag)
+        norm = common.norm_stats(self.env.data)  # the encoder's training normalisation
+        state = self.training.run(state, finetune_step(net, tx, dtype, norm), tag=model.tag)
         tuned = common.Model(
-            fn=lambda v, x: net.apply(v, common.normalize(x, dtype), train=False),
+            fn=lambda v, x: net.apply(v, common.normalize(x, dtype, norm), train=False),
             variables={"params": state["params"], "batch_stats": state["batch_stats"]},
             mesh=model.mesh, step=model.step, tag=f"{model.tag}+{self.name}")
         out = common.extract(tuned, self.source, self.test_split, size=self.size,

@@ -10,6 +10,12 @@ Required:
   (N, n, s, s, 3) when `data_options` asks for small crops. `rng` is this step's key (augment
   it, and pass a split of it as the `dropout` rng to the student).
 
+Knobs: `LOSS_DEFAULTS: dict` names every `config.loss` key the method reads, with its
+official default. `config_lib.base_config(method)` writes them into a recipe's `config.loss`
+(so each appears in config.json and can be set with `--config.loss.<knob>=...`), and the trainer
+fills in any a hand-made config lacks and refuses keys that are not knobs (`resolve_loss`).
+Method code reads `config.loss.<knob>` directly.
+
 Optional (the defaults below apply when a module does not define them):
 
 - `NEEDS_TEACHER: bool` (False): the trainer loads `config.teacher.init` and checks it;
@@ -20,6 +26,8 @@ Optional (the defaults below apply when a module does not define them):
 - `build_student(config, dtype) -> nn.Module`: the trained network(s) (default: the encoder
   of `config.student`); its `apply(..., train=False)` returns a dict with `features`;
 - `build_teacher(manifest, dtype) -> nn.Module`: the frozen teacher from its manifest;
+- `host_init(config, ctx) -> dict` ({}): host-side work before the state is created (read
+  every train label, load a checkpoint): numpy arrays, handed to `init_extra` as `ctx["host"]`;
 - `init_extra(config, rng, student_vars, ctx) -> dict` ({}): extra train-state entries
   (queues, momentum encoders, banks), traced inside the jitted, sharded initialisation;
 - `eval_outputs(ctx, variables, images) -> dict`: what evaluators see, in inference mode:
@@ -29,18 +37,22 @@ Optional (the defaults below apply when a module does not define them):
 - `export(config, variables) -> (variables, manifest)`: what is written to `W/encoder`.
 
 `ctx` is a dict of static things the trainer builds: `student` / `teacher` modules,
-`augment(rng, uint8_images) -> float images`, `config` and `mesh`. Adding a method never touches
-the training loop.
+`augment(rng, uint8_images) -> float images`, `config`, `mesh`, and facts about the run that
+methods must not recompute: `total_steps`, `steps_per_epoch`. Adding a method never touches the
+training loop.
 """
 
 from __future__ import annotations
 
+import copy
 import types
 from typing import Any
 
+import ml_collections as mlc
+
 from disco_jax import models
-from disco_jax.errors import unknown_name
-from disco_jax.methods import byol, disco, kd, mcl, moco, seed, simclr, ssld, supervised
+from disco_jax.errors import ConfigError, unknown_name
+from disco_jax.methods import byol, disco, kd, lmcl, mcl, moco, seed, simclr, ssld, supervised
 
 METHODS: dict[str, types.ModuleType] = {
     "moco_v2": moco,
@@ -48,13 +60,15 @@ METHODS: dict[str, types.ModuleType] = {
     "disco": disco,
     "kd": kd,
     "mcl": mcl,
+    "lmcl": lmcl,
     "ssld": ssld,
     "supervised": supervised,
     "simclr": simclr,
     "byol": byol,
 }
 
-ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes")
+ENCODER_KEYS = ("model", "model_kwargs", "head", "head_hidden", "embed_dim", "num_classes",
+                "head_input")
 
 
 def encoder_manifest(net: Any, **extra: Any) -> dict:
@@ -86,6 +100,10 @@ def _build_teacher(manifest: dict, dtype: Any) -> Any:
     return models.build_encoder(manifest, dtype)
 
 
+def _host_init(config: Any, ctx: dict) -> dict:
+    return {}
+
+
 def _init_extra(config: Any, rng: Any, student_vars: dict, ctx: dict) -> dict:
     return {}
 
@@ -101,11 +119,13 @@ def _export(config: Any, variables: dict) -> tuple[dict, dict]:
 
 DEFAULTS: dict[str, Any] = {
     "NEEDS_TEACHER": False,
+    "LOSS_DEFAULTS": {},
     "views": _views,
     "data_options": _data_options,
     "validate": _validate,
     "build_student": _build_student,
     "build_teacher": _build_teacher,
+    "host_init": _host_init,
     "init_extra": _init_extra,
     "eval_outputs": _eval_outputs,
     "export": _export,
@@ -123,3 +143,28 @@ def get(name: str) -> types.SimpleNamespace:
         name=name, **{k: getattr(module, k, v) for k, v in DEFAULTS.items()},
         loss_fn=module.loss_fn,
     )
+
+
+def loss_defaults(name: str) -> mlc.ConfigDict:
+    """The method's knobs with their official defaults, as a fresh `config.loss`."""
+    return mlc.ConfigDict(dict(get(name).LOSS_DEFAULTS))
+
+
+def resolve_loss(config: Any) -> Any:
+    """`config` with every knob of its method in `config.loss` (the defaults filled in where
+    missing), so config.json lists them all; a key that is no knob of the method is refused
+    (a misspelt knob would otherwise be silently ignored). Returns a copy."""
+    knobs = get(config.method).LOSS_DEFAULTS
+    unknown = sorted(set(config.loss) - set(knobs))
+    if unknown:
+        raise ConfigError(
+            f"loss.{unknown[0]} is not a knob of method {config.method!r}"
+            f"{f' (nor are {unknown[1:]})' if len(unknown) > 1 else ''}; its knobs: "
+            f"{', '.join(sorted(knobs)) or 'none'}"
+        )
+    out = copy.deepcopy(config)  # the caller's config is untouched
+    with out.unlocked():
+        for k, v in knobs.items():
+            if k not in out.loss:
+                out.loss[k] = v
+    return out

@@ -26,9 +26,22 @@ import optax
 
 from disco_jax import losses, models
 from disco_jax.errors import ConfigError
-from disco_jax.methods.common import student_forward
+from disco_jax.methods.common import (
+    bn_groups,
+    bn_knobs,
+    check_bn_groups,
+    student_forward,
+    train_forward,
+)
 
 NEEDS_TEACHER = False
+# deepmind-research/byol configs/byol.py: base_target_ema (the 1000-epoch preset; 300 epochs
+# use 0.99), predictor_hidden_size; BN over the global batch (`cross_replica_axis`).
+LOSS_DEFAULTS: dict[str, Any] = {
+    "tau_base": 0.996,
+    "pred_hidden": 4096,
+    **bn_knobs(0),
+}
 
 
 class OnlineNet(nn.Module):
@@ -47,17 +60,17 @@ def views(config: Any) -> int:
 
 
 def validate(config: Any) -> None:
-    tau = config.loss.get("tau_base", 0.996)
+    tau = config.loss.tau_base
     if not 0.0 <= tau <= 1.0:
         raise ConfigError(f"loss.tau_base must be in [0, 1], got {tau}")
-    if int(config.loss.get("pred_hidden", 4096)) <= 0:
+    if int(config.loss.pred_hidden) <= 0:
         raise ConfigError("loss.pred_hidden must be a positive width (BYOL: 4096)")
+    check_bn_groups(config)
 
 
 def build_student(config: Any, dtype: Any) -> nn.Module:
     predictor = models.create_head("mlp_bn", out_dim=config.student.embed_dim,
-                                   hidden_dim=int(config.loss.get("pred_hidden", 4096)),
-                                   dtype=dtype)
+                                   hidden_dim=int(config.loss.pred_hidden), dtype=dtype)
     return OnlineNet(encoder=models.build_encoder(config.student, dtype), predictor=predictor)
 
 
@@ -72,22 +85,14 @@ def tau_at(step: jax.Array, total_steps: int, tau_base: float) -> jax.Array:
     return 1.0 - (1.0 - tau_base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
 
 
-def _total_steps(config: Any) -> int:
-    # The trainer's own definition (same source, same epoch length); resolved at trace time.
-    from disco_jax import data, train
-
-    source = data.get_source(config.data)
-    per_epoch = max(1, data.steps_per_epoch(
-        source, split=config.data.train_split,
-        local_batch=config.batch_size // jax.process_count(), process_count=jax.process_count()))
-    return train.num_train_steps(config, per_epoch)
-
-
 def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     config = ctx["config"]
     rng_1, rng_2, rng_drop = jax.random.split(rng, 3)
-    views_ = (ctx["augment"](rng_1, batch["view1"]), ctx["augment"](rng_2, batch["view2"]))
-    tau = tau_at(state["step"], _total_steps(config), config.loss.get("tau_base", 0.996))
+    # BYOL's asymmetric views: view 2 takes `augment.view2`'s overrides (blur p 0.1 and
+    # solarize p 0.2 against view 1's 1.0 and 0 in the recipe).
+    views_ = (ctx["augment"](rng_1, batch["view1"], view=1),
+              ctx["augment"](rng_2, batch["view2"], view=2))
+    tau = tau_at(state["step"], ctx["total_steps"], config.loss.tau_base)
     ema_params = optax.incremental_update(
         jax.lax.stop_gradient(params["encoder"]), state["ema"]["params"], step_size=1.0 - tau
     )
@@ -96,11 +101,10 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     # target could be exported too, but never enter the loss.
     t_stats, targets = state["ema"]["batch_stats"], []
     for i, x in enumerate(views_):
-        t_out, t_mut = ctx["student"].encoder.apply(
-            {"params": ema_params, "batch_stats": t_stats}, x, train=True,
-            mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(rng_drop, 10 + i)},
+        t_out, t_stats = train_forward(
+            ctx["student"].encoder, {"params": ema_params, "batch_stats": t_stats}, x,
+            bn_groups(ctx), jax.random.fold_in(rng_drop, 10 + i),
         )
-        t_stats = t_mut["batch_stats"]
         targets.append(jax.lax.stop_gradient(t_out["embedding"]))
     batch_stats, preds = None, []
     for i, x in enumerate(views_):

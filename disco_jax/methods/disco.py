@@ -8,11 +8,11 @@ keys (K=65536, tau 0.2). Loss = InfoNCE + distill_weight * (||t_q - q||^2 + ||t_
 unit vectors (`losses.disco_loss`). Student head d -> head_hidden (2048) -> 128, no BN.
 
 Options (`config.loss`):
-- `teacher_bn`: "train" (official: `model.train()` leaves the teacher on batch statistics; they
-  are not stored), "per_device" (the same per `bn_groups` group, i.e. per GPU as officially),
-  or "eval" (running statistics).
-- `key_bn`: "global" (default under jit) or "shuffle" (MoCo's shuffle-BN, `common.key_forward`).
-- `bn_groups`: groups for per-device BN (0 = one per mesh device).
+- `bn_group_size`: images per BN group in every train-mode forward (official: 32, each of the 8
+  GPUs' share; 0 = the global batch).
+- `teacher_bn`: "train" (official: `model.train()` leaves the teacher on batch statistics, per
+  BN group; they are not stored) or "eval" (running statistics).
+- `key_bn`: "shuffle" (official MoCo shuffle-BN, `common.key_forward`) or "global".
 - `distill_reduction` "sum" (official) or "mean", and `distill_weight`: see configs/disco_effb0.py
   for how to reproduce the official per-GPU sum on a global batch.
 """
@@ -22,22 +22,34 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import optax
 
 from disco_jax import losses, queue
 from disco_jax.errors import ConfigError
 from disco_jax.methods.common import (
-    KEY_BN_MODES,
     TEACHER_BN_MODES,
+    bn_knobs,
     check_bn_groups,
     check_choice,
+    check_key_bn,
     check_positive,
-    key_forward,
+    momentum_keys,
     student_forward,
     teacher_forward,
 )
 
 NEEDS_TEACHER = True
+# DisCo-pytorch main.py / builder_kq_mse_largeembedding_2048.py on 8 GPUs x 32 images.
+LOSS_DEFAULTS = {
+    "temp": 0.2,
+    "momentum": 0.999,
+    # The official loss is a per-GPU sum; averaged over 8 GPUs it is 1/8 of our global-batch
+    # sum at 8 x 32 (see configs/disco_effb0.py).
+    "distill_weight": 1.0 / 8,
+    "distill_reduction": "sum",
+    "teacher_bn": "train",
+    "key_bn": "shuffle",
+    **bn_knobs(32),
+}
 
 
 def views(config: Any) -> int:
@@ -50,10 +62,10 @@ def validate(config: Any) -> None:
         raise ConfigError(f"loss.momentum must be in [0, 1), got {config.loss.momentum}")
     if config.loss.distill_weight < 0:
         raise ConfigError(f"loss.distill_weight must be >= 0, got {config.loss.distill_weight}")
-    check_choice(config, "distill_reduction", ("sum", "mean"), "sum")
-    check_choice(config, "teacher_bn", TEACHER_BN_MODES, "train")
-    check_choice(config, "key_bn", KEY_BN_MODES, "global")
+    check_choice(config, "distill_reduction", ("sum", "mean"))
+    check_choice(config, "teacher_bn", TEACHER_BN_MODES)
     check_bn_groups(config)
+    check_key_bn(config)
     if config.student.embed_dim != config.teacher.embed_dim:
         raise ConfigError(
             f"student.embed_dim={config.student.embed_dim} must equal teacher.embed_dim="
@@ -74,31 +86,24 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     rng_q, rng_k, rng_drop, rng_t = jax.random.split(rng, 4)
     x_q = ctx["augment"](rng_q, batch["view1"])
     x_k = ctx["augment"](rng_k, batch["view2"])
-    ema_params = optax.incremental_update(
-        jax.lax.stop_gradient(params), state["ema"]["params"], step_size=1.0 - cfg.momentum
-    )
-    k_out, k_stats = key_forward(
-        ctx["student"], {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]}, x_k,
-        ctx, jax.random.fold_in(rng_drop, 1), mode=cfg.get("key_bn", "global"),
-    )
+    k_out, ema = momentum_keys(params, state["ema"], x_k, ctx, jax.random.fold_in(rng_drop, 1))
     q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=rng_drop)
     qk_out, batch_stats = student_forward(params, state, x_k, ctx,
                                           rng=jax.random.fold_in(rng_drop, 2),
                                           batch_stats=batch_stats)
-    teacher_bn = cfg.get("teacher_bn", "train")
-    t_q = teacher_forward(ctx["teacher"], teacher_vars, x_q, ctx, rng_t, teacher_bn)
+    t_q = teacher_forward(ctx["teacher"], teacher_vars, x_q, ctx, rng_t, cfg.teacher_bn)
     t_k = teacher_forward(ctx["teacher"], teacher_vars, x_k, ctx,
-                          jax.random.fold_in(rng_t, 1), teacher_bn)
+                          jax.random.fold_in(rng_t, 1), cfg.teacher_bn)
     k = k_out["embedding"]
     out = losses.disco_loss(
         q_out["embedding"], k, state["queue"]["feats"], qk_out["embedding"],
         t_q["embedding"], t_k["embedding"], temp=cfg.temp, distill_weight=cfg.distill_weight,
-        distill_reduction=cfg.get("distill_reduction", "sum"),
+        distill_reduction=cfg.distill_reduction,
     )
     metrics = {name: out[name] for name in ("contrastive", "distill_q", "distill_k")}
     updates = {
         "batch_stats": batch_stats,
         "queue": queue.enqueue(state["queue"], losses.l2_normalize(k)),
-        "ema": {"params": ema_params, "batch_stats": k_stats},
+        "ema": ema,
     }
     return out["total"], (metrics, updates)

@@ -21,6 +21,8 @@ import optax
 from disco_jax import losses
 from disco_jax.errors import ConfigError
 from disco_jax.methods.common import (
+    bn_knobs,
+    check_bn_groups,
     check_choice,
     check_positive,
     frozen_forward,
@@ -29,6 +31,9 @@ from disco_jax.methods.common import (
 
 NEEDS_TEACHER = True
 KINDS = ("logits", "l2", "cosine")
+# Hinton et al.'s T = 4 as in most KD baselines; student BN per 32 images like the SEED /
+# DisCo runs it is compared with.
+LOSS_DEFAULTS = {"kind": "logits", "temp": 4.0, "ce_weight": 0.0, **bn_knobs(32)}
 
 
 def views(config: Any) -> int:
@@ -36,7 +41,8 @@ def views(config: Any) -> int:
 
 
 def validate(config: Any) -> None:
-    kind = check_choice(config, "kind", KINDS, "logits")
+    kind = check_choice(config, "kind", KINDS)
+    check_bn_groups(config)
     if kind == "logits":
         check_positive(config, "temp")
         for net in ("student", "teacher"):
@@ -50,7 +56,7 @@ def validate(config: Any) -> None:
                 f"student.num_classes={config.student.num_classes} must equal"
                 f" teacher.num_classes={config.teacher.num_classes} for logit KD"
             )
-        if config.loss.get("ce_weight", 0.0) < 0:
+        if config.loss.ce_weight < 0:
             raise ConfigError(f"loss.ce_weight must be >= 0, got {config.loss.ce_weight}")
     elif config.student.embed_dim != config.teacher.embed_dim:
         raise ConfigError(
@@ -65,12 +71,12 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     images = ctx["augment"](rng_aug, batch["image"])
     t = frozen_forward(ctx["teacher"], teacher_vars, images)
     s, batch_stats = student_forward(params, state, images, ctx, rng=rng_drop)
-    kind = cfg.get("kind", "logits")
+    kind = cfg.kind
     metrics = {}
     if kind == "logits":
         loss = losses.kd_loss(s["logits"], t["logits"], cfg.temp)
         metrics["kd"] = loss
-        if cfg.get("ce_weight", 0.0) > 0:
+        if cfg.ce_weight > 0:
             ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
                 s["logits"].astype(jnp.float32), batch["label"]))
             metrics["ce"] = ce

@@ -18,10 +18,13 @@ the CIFAR code; M = 2 both nets, M > 2 the last net only].
 `loss.shared_stem` (M >= 3, CIFAR / torchvision ResNets; the official ``ResNet_b`` cohorts):
 one stem (conv1 + layer1 on CIFAR, conv1 ... layer2 on ImageNet ResNets) shared by M branches.
 
-BN is global-batch under jit (the official code is per-GPU DataParallel BN; shuffle-BN for the
-MoCo keys). kNN, probes and export use network 0 alone (a plain encoder); the `classifier`
-evaluator reports every network's top-1/top-5 and the best one, as the official code does (its
-CIFAR script also keeps the best epoch on the test set, which is not reproduced).
+BN: `loss.bn_group_size` images per BN group (0, the default: the global batch, as the
+one-GPU CIFAR runs; the ImageNet scripts' DataParallel BN is per GPU, their GPU count unstated);
+the MoCo form's key encoders use `loss.key_bn` ("shuffle": MoCo's shuffle-BN over those groups,
+its default there with groups of 32). kNN, probes and export use network 0 alone (a plain
+encoder); the `classifier` evaluator reports every network's top-1/top-5 and the best one, as
+the official code does (its CIFAR script also keeps the best epoch on the test set, which is
+not reproduced).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ import optax
 
 from disco_jax import data, losses, queue
 from disco_jax.errors import ConfigError
-from disco_jax.methods.common import check_positive, student_forward
+from disco_jax.methods.common import (
+    bn_knobs,
+    check_bn_groups,
+    check_key_bn,
+    check_positive,
+    momentum_keys,
+    student_forward,
+)
 from disco_jax.models.cohort import (
     build_cohort,
     plain_variables,
@@ -45,6 +55,34 @@ from disco_jax.models.cohort import (
 NEEDS_TEACHER = False
 FORMS = ("in_batch", "memory_bank", "moco")
 TERMS = (("alpha", "vcl"), ("gamma", "soft_vcl"), ("beta", "icl"), ("lam", "soft_icl"))
+# The in_batch (CIFAR, main_cifar.py) defaults; `loss_config(form)` has each form's own.
+LOSS_DEFAULTS: dict[str, Any] = {
+    "form": "in_batch",
+    "num_nets": 2,
+    "tau": 0.1,
+    "kd_temp": 3.0,
+    # main_cifar.py / main_imagenet.py scripts: 0.1 / 1 / 0.1 / 1; MoCo: the plain sum.
+    "alpha": 0.1,
+    "gamma": 1.0,
+    "beta": 0.1,
+    "lam": 1.0,
+    "logit_distill": False,
+    "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
+    "shared_stem": False,  # M >= 3 ResNets: one shared stem (official for M >= 3)
+    "per_class": 2,  # in_batch: MPerClassSampler(m=2)
+    "pos_k": 1,  # memory_bank
+    "neg_k": 8192,
+    "bank_momentum": 0.5,
+    "momentum": 0.999,  # moco: key encoders
+    "key_bn": "shuffle",  # moco: MoCo's shuffle-BN (needs bn_group_size > 0)
+    **bn_knobs(0),
+}
+FORM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "in_batch": {},
+    "memory_bank": {"tau": 0.07},
+    # main_moco_mcl.py on MoCo's 8 GPUs x 32 images.
+    "moco": {"tau": 0.07, "alpha": 1.0, "beta": 1.0, "bn_group_size": 32},
+}
 
 
 def views(config: Any) -> int:
@@ -64,7 +102,8 @@ def validate(config: Any) -> None:
         raise ConfigError(f"loss.form must be one of {', '.join(FORMS)}, got {cfg.form!r}")
     if not isinstance(cfg.num_nets, int) or cfg.num_nets < 2:
         raise ConfigError(f"loss.num_nets must be an integer >= 2, got {cfg.num_nets!r}")
-    if cfg.get("shared_stem", False):
+    check_bn_groups(config)
+    if cfg.shared_stem:
         if cfg.num_nets < 3:
             raise ConfigError(f"loss.shared_stem needs loss.num_nets >= 3 (the official code"
                               f" shares only for M >= 3), got {cfg.num_nets}; set it to False")
@@ -79,21 +118,10 @@ def validate(config: Any) -> None:
         if not 0.0 <= cfg.momentum < 1.0:
             raise ConfigError(f"loss.momentum must be in [0, 1), got {cfg.momentum}")
         queue.check_size(config.queue_size, config.batch_size)
+        check_key_bn(config)
         return
-    classes = data.get_source(config.data).num_classes
-    if config.student.num_classes < classes:
-        raise ConfigError(f"student.num_classes is {config.student.num_classes} but the data has"
-                          f" {classes} classes; set student.num_classes={classes}")
-    if cfg.form == "in_batch":
-        m = cfg.per_class
-        if not isinstance(m, int) or m < 2:
-            raise ConfigError(f"loss.per_class must be an integer >= 2 (SupCon needs a"
-                              f" positive in the batch), got {m!r}")
-        if config.batch_size % m or config.batch_size // m > classes:
-            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of"
-                              f" loss.per_class={m} and hold at most {classes} classes"
-                              f" (<= {m * classes})")
-    else:
+    check_labels(config)
+    if cfg.form != "in_batch":
         if cfg.pos_k < 1 or cfg.neg_k < 1:
             raise ConfigError(f"loss.pos_k and loss.neg_k must be >= 1, got {cfg.pos_k},"
                               f" {cfg.neg_k}")
@@ -101,9 +129,27 @@ def validate(config: Any) -> None:
             raise ConfigError(f"loss.bank_momentum must be in [0, 1), got {cfg.bank_momentum}")
 
 
+def check_labels(config: Any) -> None:
+    """The supervised forms (MCL, L-MCL): a classifier over the data's classes; in_batch: a
+    class-balanced batch of `loss.per_class` examples per class that the data can fill."""
+    classes = data.get_source(config.data).num_classes
+    if config.student.num_classes < classes:
+        raise ConfigError(f"student.num_classes is {config.student.num_classes} but the data has"
+                          f" {classes} classes; set student.num_classes={classes}")
+    if config.loss.form == "in_batch":
+        m = config.loss.per_class
+        if not isinstance(m, int) or m < 2:
+            raise ConfigError(f"loss.per_class must be an integer >= 2 (SupCon needs a"
+                              f" positive in the batch), got {m!r}")
+        if config.batch_size % m or config.batch_size // m > classes:
+            raise ConfigError(f"batch_size {config.batch_size} must be a multiple of"
+                              f" loss.per_class={m} and hold at most {classes} classes"
+                              f" (<= {m * classes})")
+
+
 def build_student(config: Any, dtype: Any) -> Any:
     return build_cohort(config.student, config.loss.num_nets, dtype,
-                        shared_stem=bool(config.loss.get("shared_stem", False)))
+                        shared_stem=bool(config.loss.shared_stem))
 
 
 # ------------------------------------------------------------------------------ train state
@@ -122,8 +168,13 @@ def _bank_lookup(config: Any) -> dict[str, np.ndarray]:
     rank[order] = np.arange(len(order))
     count = np.bincount(labels, minlength=source.num_classes)
     start = np.concatenate([[0], np.cumsum(count)[:-1]])
-    return {k: jnp.asarray(v, jnp.int32) for k, v in
+    return {k: np.asarray(v, np.int32) for k, v in
             {"sorted": order, "rank": rank, "start": start, "count": count}.items()}
+
+
+def host_init(config: Any, ctx: dict) -> dict:
+    """memory_bank: the class table of every train label, read once on the host."""
+    return {"bank_lookup": _bank_lookup(config)} if config.loss.form == "memory_bank" else {}
 
 
 def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> dict:
@@ -131,7 +182,7 @@ def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> di
     keys = jax.random.split(rng, m)
     dim = config.student.embed_dim
     if cfg.form == "memory_bank":
-        lookup = _bank_lookup(config)
+        lookup = ctx["host"]["bank_lookup"]
         n = lookup["sorted"].shape[0]
         # Rows padded to a multiple of the devices so the rows shard evenly; never sampled.
         n_dev = ctx["mesh"].devices.size
@@ -225,20 +276,14 @@ def _moco_loss(params, state, batch, rng, ctx):
     r_q, r_k, r_drop = jax.random.split(rng, 3)
     x_q = ctx["augment"](r_q, batch["view1"])
     x_k = ctx["augment"](r_k, batch["view2"])
-    # Momentum update before the forward, per network (the cohort's EMA is per-leaf).
-    ema_params = optax.incremental_update(
-        jax.lax.stop_gradient(params), state["ema"]["params"], step_size=1.0 - cfg.momentum
-    )
-    k_out, k_mut = ctx["student"].apply(
-        {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]}, x_k, train=True,
-        mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(r_drop, 1)},
-    )
-    k = jax.lax.stop_gradient(k_out["embedding"])
+    # Every network's key encoder at once (the cohort's EMA is per leaf), shuffle-BN as MoCo.
+    k_out, ema = momentum_keys(params, state["ema"], x_k, ctx, jax.random.fold_in(r_drop, 1))
+    k = k_out["embedding"]
     q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=r_drop)
     queues = jnp.stack([state[f"queue_{i}"]["feats"] for i in range(m)])
     terms = losses.mcl_moco_losses(q_out["embedding"], k, queues, cfg.tau, cfg.kd_temp)
     updates = {"batch_stats": batch_stats,
-               "ema": {"params": ema_params, "batch_stats": k_mut["batch_stats"]},
+               "ema": ema,
                **{f"queue_{i}": queue.enqueue(state[f"queue_{i}"], losses.l2_normalize(k[i]))
                   for i in range(m)}}
     return _weighted(cfg, terms), (dict(terms), updates)
@@ -275,24 +320,6 @@ def loss_config(form: str = "in_batch", **overrides: Any) -> Any:
     """The official defaults of one form as a `loss` ConfigDict (configs start from this)."""
     import ml_collections as mlc
 
-    moco = form == "moco"
-    c = {
-        "form": form,
-        "num_nets": 2,
-        "tau": {"in_batch": 0.1, "memory_bank": 0.07, "moco": 0.07}[form],
-        "kd_temp": 3.0,
-        # main_cifar.py / main_imagenet.py scripts: 0.1 / 1 / 0.1 / 1; MoCo: the plain sum.
-        "alpha": 1.0 if moco else 0.1,
-        "gamma": 1.0,
-        "beta": 1.0 if moco else 0.1,
-        "lam": 1.0,
-        "logit_distill": False,
-        "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
-        "shared_stem": False,  # M >= 3 ResNets: one shared stem (official for M >= 3)
-        "per_class": 2,  # in_batch: MPerClassSampler(m=2)
-        "pos_k": 1,  # memory_bank
-        "neg_k": 8192,
-        "bank_momentum": 0.5,
-        "momentum": 0.999,  # moco: key encoders
-    }
-    return mlc.ConfigDict(c | overrides)
+    if form not in FORM_DEFAULTS:
+        raise ConfigError(f"loss.form must be one of {', '.join(FORMS)}, got {form!r}")
+    return mlc.ConfigDict(LOSS_DEFAULTS | {"form": form} | FORM_DEFAULTS[form] | overrides)

@@ -5,10 +5,11 @@ Query encoder f_q (trained) on view 1, momentum key encoder f_k (EMA of f_q, m=0
 the start of each step from the current f_q, as in the official forward) on view 2; InfoNCE
 with the key in column 0 and a queue of earlier keys; keys are enqueued after the loss.
 
-BN: the key encoder runs in train mode. `loss.key_bn="global"` (default): under jit its
-statistics are global-batch, the leakage-free setting shuffle-BN approximates.
-`loss.key_bn="shuffle"`: the official shuffle-BN (permute the key batch, per-device BN over
-`loss.bn_groups` groups, 0 = one per device, unshuffle); see `common.key_forward`.
+BN (official: 8 GPUs x 32 images): the query encoder normalises over groups of
+`loss.bn_group_size` (32) images, the key encoder runs in train mode with `loss.key_bn`
+"shuffle" (official shuffle-BN: permute the key batch, BN per group, unshuffle) or "global"
+(one group, the leakage-free setting shuffle-BN approximates); see `common.key_forward`.
+`bn_group_size=0` normalises every forward over the global batch.
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import optax
 
 from disco_jax import losses, queue
 from disco_jax.errors import ConfigError
 from disco_jax.methods.common import (
-    KEY_BN_MODES,
+    bn_knobs,
     check_bn_groups,
-    check_choice,
+    check_key_bn,
     check_positive,
-    key_forward,
+    momentum_keys,
     student_forward,
 )
 
 NEEDS_TEACHER = False
+# main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos, 8 GPUs x 32 images.
+LOSS_DEFAULTS = {"temp": 0.2, "momentum": 0.999, "key_bn": "shuffle", **bn_knobs(32)}
 
 
 def views(config: Any) -> int:
@@ -41,8 +43,8 @@ def validate(config: Any) -> None:
     if not 0.0 <= config.loss.momentum < 1.0:
         raise ConfigError(f"loss.momentum must be in [0, 1), got {config.loss.momentum}")
     queue.check_size(config.queue_size, config.batch_size)
-    check_choice(config, "key_bn", KEY_BN_MODES, "global")
     check_bn_groups(config)
+    check_key_bn(config)
 
 
 def init_extra(config: Any, rng: jax.Array, student_vars: dict, ctx: dict) -> dict:
@@ -58,20 +60,13 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     rng_q, rng_k, rng_drop = jax.random.split(rng, 3)
     x_q = ctx["augment"](rng_q, batch["view1"])
     x_k = ctx["augment"](rng_k, batch["view2"])
-    # Momentum update before the forward, from the parameters as they are at this step.
-    ema_params = optax.incremental_update(
-        jax.lax.stop_gradient(params), state["ema"]["params"], step_size=1.0 - cfg.momentum
-    )
-    k_out, k_stats = key_forward(
-        ctx["student"], {"params": ema_params, "batch_stats": state["ema"]["batch_stats"]}, x_k,
-        ctx, jax.random.fold_in(rng_drop, 1), mode=cfg.get("key_bn", "global"),
-    )
+    k_out, ema = momentum_keys(params, state["ema"], x_k, ctx, jax.random.fold_in(rng_drop, 1))
     k = k_out["embedding"]
     q_out, batch_stats = student_forward(params, state, x_q, ctx, rng=rng_drop)
     loss = losses.moco_loss(q_out["embedding"], k, state["queue"]["feats"], cfg.temp)
     updates = {
         "batch_stats": batch_stats,
         "queue": queue.enqueue(state["queue"], losses.l2_normalize(k)),
-        "ema": {"params": ema_params, "batch_stats": k_stats},
+        "ema": ema,
     }
     return loss, ({}, updates)

@@ -21,9 +21,25 @@ import jax
 
 from disco_jax import losses, queue
 from disco_jax.errors import ConfigError
-from disco_jax.methods.common import check_positive, frozen_forward, student_forward
+from disco_jax.methods.common import (
+    bn_knobs,
+    check_bn_groups,
+    check_positive,
+    frozen_forward,
+    student_forward,
+)
 
 NEEDS_TEACHER = True
+# seed/builder.py + main.py; the small-patch variant's crops (main_small-patch.py); per-GPU BN
+# over 32 images (8 GPUs x 32).
+LOSS_DEFAULTS = {
+    "student_temp": 0.2,
+    "teacher_temp": 1e-4,
+    "small_crops": 0,
+    "small_size": 96,
+    "small_scale": (0.05, 0.14),
+    **bn_knobs(32),
+}
 
 
 def views(config: Any) -> int:
@@ -31,28 +47,28 @@ def views(config: Any) -> int:
 
 
 def _small_crops(config: Any) -> int:
-    return int(config.loss.get("small_crops", 0))
+    return int(config.loss.small_crops)
 
 
 def data_options(config: Any) -> dict:
     if not _small_crops(config):
         return {}
-    return {"small_crops": _small_crops(config),
-            "small_size": int(config.loss.get("small_size", 96)),
-            "small_scale": tuple(config.loss.get("small_scale", (0.05, 0.14)))}
+    return {"small_crops": _small_crops(config), "small_size": int(config.loss.small_size),
+            "small_scale": tuple(config.loss.small_scale)}
 
 
 def validate(config: Any) -> None:
     check_positive(config, "student_temp", "teacher_temp")
     queue.check_size(config.queue_size, config.batch_size)
+    check_bn_groups(config)
     if _small_crops(config) < 0:
         raise ConfigError(f"loss.small_crops must be >= 0 (0: off), got {_small_crops(config)}")
     if _small_crops(config):
-        lo, hi = config.loss.get("small_scale", (0.05, 0.14))
-        if config.loss.get("small_size", 96) <= 0 or not 0 < lo <= hi <= 1:
+        lo, hi = config.loss.small_scale
+        if config.loss.small_size <= 0 or not 0 < lo <= hi <= 1:
             raise ConfigError(
                 "loss.small_size must be > 0 and loss.small_scale (min, max) within (0, 1];"
-                f" got {config.loss.get('small_size', 96)}, {(lo, hi)}"
+                f" got {config.loss.small_size}, {(lo, hi)}"
             )
 
 

@@ -15,9 +15,15 @@ from typing import Any
 import jax
 
 from disco_jax import losses
-from disco_jax.methods.common import check_positive, student_forward
+from disco_jax.methods.common import bn_knobs, check_bn_groups, check_positive, student_forward
 
 NEEDS_TEACHER = False
+# google-research/simclr run.py: `temperature` flag default 0.1 (the paper's batch-4096
+# choice); BN over the global batch (`global_bn=True`).
+LOSS_DEFAULTS: dict[str, Any] = {
+    "temp": 0.1,
+    **bn_knobs(0),
+}
 
 
 def views(config: Any) -> int:
@@ -26,13 +32,16 @@ def views(config: Any) -> int:
 
 def validate(config: Any) -> None:
     check_positive(config, "temp")
+    check_bn_groups(config)
 
 
 def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     cfg = ctx["config"].loss
     rng_1, rng_2, rng_drop = jax.random.split(rng, 3)
-    x1 = ctx["augment"](rng_1, batch["view1"])
-    x2 = ctx["augment"](rng_2, batch["view2"])
+    # SimCLR augments both views alike; `view=2` lets `augment.view2` override (empty by
+    # default).
+    x1 = ctx["augment"](rng_1, batch["view1"], view=1)
+    x2 = ctx["augment"](rng_2, batch["view2"], view=2)
     # One forward over both views: BN statistics over all 2N images, as the official
     # tf.concat(features_list, 0) before the network.
     x = jax.numpy.concatenate([x1, x2], axis=0)

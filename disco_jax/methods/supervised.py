@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import optax
 
 from disco_jax.errors import ConfigError
-from disco_jax.methods.common import student_forward
-from disco_jax.methods.ssld import init_extra as init_extra  # noqa: PLC0414 (student.init)
+from disco_jax.methods.common import bn_knobs, check_bn_groups, student_forward
+from disco_jax.methods.ssld import host_init as host_init  # noqa: PLC0414 (student.init)
+from disco_jax.methods.ssld import init_extra as init_extra  # noqa: PLC0414
 from disco_jax.methods.ssld import validate_student_init
 
 NEEDS_TEACHER = False
+LOSS_DEFAULTS = {"label_smoothing": 0.0, **bn_knobs(0)}
 
 
 def views(config: Any) -> int:
@@ -29,7 +31,8 @@ def views(config: Any) -> int:
 def validate(config: Any) -> None:
     if int(config.student.get("num_classes", 0) or 0) <= 0:
         raise ConfigError("method 'supervised' needs student.num_classes > 0 (a classifier)")
-    ls = config.loss.get("label_smoothing", 0.0)
+    check_bn_groups(config)
+    ls = config.loss.label_smoothing
     if not 0.0 <= ls < 1.0:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {ls}")
     validate_student_init(config)
@@ -45,7 +48,7 @@ def loss_fn(params, state, batch, rng, teacher_vars, ctx):
     valid = labels >= 0
     targets = optax.smooth_labels(
         jax.nn.one_hot(jnp.maximum(labels, 0), logits.shape[-1]),
-        cfg.loss.get("label_smoothing", 0.0),
+        cfg.loss.label_smoothing,
     )
     per_example = optax.softmax_cross_entropy(logits, targets)
     n_valid = jnp.maximum(jnp.sum(valid), 1)

@@ -19,7 +19,7 @@ each module's docstring.
 ``create_head(name, out_dim, hidden_dim, dtype)`` builds a projection head, and
 ``Encoder(backbone, head)`` combines the two; ``build_encoder(net, dtype)`` builds one from an
 encoder config or manifest (``model``, ``model_kwargs``, ``head``, ``head_hidden``,
-``embed_dim`` and optional ``num_classes``).
+``embed_dim`` and optional ``num_classes`` and ``head_input``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 _MODELS: dict[str, partial[nn.Module]] = {
+    "resnet10": resnet.resnet10,
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
@@ -96,6 +97,10 @@ def _head_mlp_bn(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
     return MLPBNHead(out_dim, hidden_dim, dtype)
 
 
+def _head_mlp_bn_out(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
+    return MLPBNHead(out_dim, hidden_dim, dtype, out_bn=True)
+
+
 def _head_mcl_embed(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Module:
     return MCLEmbed(out_dim, dtype)
 
@@ -111,6 +116,7 @@ def _head_identity(out_dim: int, hidden_dim: int | None, dtype: Any) -> nn.Modul
 _HEADS: dict[str, Callable[[int, int | None, Any], nn.Module]] = {
     "mlp": _head_mlp,
     "mlp_bn": _head_mlp_bn,
+    "mlp_bn_out": _head_mlp_bn_out,
     "mcl_embed": _head_mcl_embed,
     "linear": _head_linear,
     "identity": _head_identity,
@@ -159,8 +165,33 @@ def create_head(
     return _HEADS[name](out_dim, hidden_dim, dtype)
 
 
+HEAD_INPUTS = ("features", "dropped")
+
+
+def _head_dropout(net: Any, backbone: nn.Module, num_classes: int) -> float:
+    """The Encoder's ``head_dropout`` for ``head_input``: 0 for "features" (the default, and
+    what manifests without the key mean), the backbone's classifier dropout for "dropped" (0
+    for a backbone whose classifier has none: a ResNet's ``fc`` sees the features as they are)."""
+    head_input = net.get("head_input", "features")
+    if head_input not in HEAD_INPUTS:
+        raise ConfigError(f"head_input must be one of {', '.join(HEAD_INPUTS)}; got"
+                          f" {head_input!r}")
+    if head_input == "features":
+        return 0.0
+    if num_classes > 0:
+        raise ConfigError("head_input='dropped' puts the head in place of the classifier;"
+                          f" it needs num_classes=0, got {num_classes}")
+    return float(getattr(backbone, "dropout", 0.0))
+
+
 def build_encoder(net: Any, dtype: Any = jnp.float32) -> Encoder:
-    """Backbone (pooled features, plus logits if ``num_classes`` > 0) + projection head."""
+    """Backbone (pooled features, plus logits if ``num_classes`` > 0) + projection head.
+
+    ``head_input`` (optional): "features" (default) feeds the head the pooled feature;
+    "dropped" feeds it, in train mode, the feature after the backbone's classifier dropout
+    (the head replaces the classifier after its Dropout, as in SEED's students; the same as
+    "features" for backbones without one). Eval mode: the pooled feature either way.
+    """
     num_classes = int(net.get("num_classes", 0) or 0)
     backbone = create(
         net["model"], num_classes=num_classes, dtype=dtype, **dict(net.get("model_kwargs", {}))
@@ -168,4 +199,5 @@ def build_encoder(net: Any, dtype: Any = jnp.float32) -> Encoder:
     head = create_head(
         net["head"], out_dim=net["embed_dim"], hidden_dim=net["head_hidden"] or None, dtype=dtype
     )
-    return Encoder(backbone=backbone, head=head, classify=num_classes > 0)
+    return Encoder(backbone=backbone, head=head, classify=num_classes > 0,
+                   head_dropout=_head_dropout(net, backbone, num_classes))

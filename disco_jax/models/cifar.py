@@ -41,7 +41,9 @@ from disco_jax.models.resnet import (
     _bn,
     _conv,
     check_part,
+    check_stages,
     in_part,
+    with_stages,
 )
 
 Dtype = Any
@@ -67,14 +69,19 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False,
-                 part: str = "all") -> Any:
+                 part: str = "all", stages: bool = False) -> Any:
         """``part``: "all", "stem" (conv1 + layer1, the feature map) or "branch" (the rest), as
-        in `disco_jax.models.resnet.ResNet`: the names are the plain model's in every part."""
+        in `disco_jax.models.resnet.ResNet`: the names are the plain model's in every part.
+        ``stages=True`` (part "all"): a dict of the pooled ``features``, the ``logits`` (if the
+        net classifies) and ``stages``, the feature maps after every stage but the last (L-MCL's
+        auxiliary branches start there)."""
         check_part(part)
+        check_stages(stages, part)
         base = max(1, round(16 * self.width))
         if part != "branch":
             x = _conv(base, 3, 1, self.dtype, "conv1")(x)
             x = nn.relu(_bn(train, self.dtype, "bn1")(x))
+        maps = []
         for i, num_blocks in enumerate(self.stage_sizes):
             if not in_part(i, part, self.SHARED_STEM_STAGES):
                 continue
@@ -82,10 +89,13 @@ class CifarResNet(nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 block = self.block(base * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")
                 x = block(x, train)
+            maps.append(x)
         if part == "stem":
             return x
         x = jnp.mean(x, axis=(1, 2))
         classify = _dense(self.num_classes, self.dtype, "classifier")
+        if stages:
+            return with_stages(x, self.num_classes, classify, maps)
         return layers.classifier_output(x, features, self.num_classes, classify)
 
 

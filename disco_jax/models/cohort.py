@@ -18,7 +18,7 @@ plain `Encoder`'s variables (the names are the plain backbone's), so exports sta
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -33,7 +33,13 @@ def _stack(outs: list[dict]) -> dict[str, jnp.ndarray]:
             "all_features": stacked["features"], "features": outs[0]["features"]}
 
 
+# The batch axis of each output (methods.common.train_forward cuts batches into BN groups):
+# network 0's `features` are batch-major, the stacked outputs are (M, N, ...).
+COHORT_BATCH_AXIS = {"features": 0, "*": 1}
+
+
 class Cohort(nn.Module):
+    OUTPUT_BATCH_AXIS: ClassVar[dict[str, int]] = COHORT_BATCH_AXIS
     net: Sequence[nn.Module]  # the peers; a tuple field, so Flax names them net_0, net_1, ...
 
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -56,6 +62,7 @@ class Branch(nn.Module):
 
 
 class SharedStemCohort(nn.Module):
+    OUTPUT_BATCH_AXIS: ClassVar[dict[str, int]] = COHORT_BATCH_AXIS
     stem: nn.Module  # a backbone, called with part="stem"
     net: Sequence[Branch]
 

@@ -29,9 +29,10 @@ path with '_' gives the torch module path with '.' replaced by '_'. Leaf names m
   ``params['_blocks_3']['_se_reduce']`` joins to ``_blocks_3__se_reduce``.
 
 Differences on purpose: ``width`` scales every channel count (timm keeps its 1280/1024 head
-width fixed; here it scales too, so tiny test models stay tiny); stochastic depth defaults to
-off (torchvision uses 0.2 at train time, which would need a 'dropout' rng in every train step);
-timm's classifier dropout defaults to 0 as in timm's constructor.
+width fixed; here it scales too, so tiny test models stay tiny); torchvision's stochastic depth
+defaults to off (torchvision uses 0.2 at train time, which would need a 'dropout' rng in every
+train step); timm's classifier dropout defaults to 0 as in timm's constructor. SEED's
+(lukemelas') drop-connect keeps its official 0.2: SEED's students train with it.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _goog_conv_init(groups: int) -> nn.initializers.Initializer:
 _conv = layers.conv
 
 
-def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def _bn(train: bool, dtype: Dtype, name: str) -> layers.BatchNorm:
     return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
 
 
@@ -473,8 +474,11 @@ class SeedEfficientNet(nn.Module):
     network equals torchvision's B0/B1 (same channels, depths, SE widths, SiLU; 5,288,548 /
     7,794,184 params) except for TF 'SAME' padding and BN eps 1e-3 / torch momentum 0.01.
     The feature is the pooled 1280-d ``_conv_head`` + ``_bn1`` + swish output, before the 0.2
-    dropout; a SEED student's embedding is ``fc``: Linear(1280, 128), or
-    Linear(1280, 1280) -> ReLU -> Linear(1280, 128) with ``--student_mlp``.
+    ``_dropout``; a SEED student's embedding is ``fc`` applied after that dropout (lukemelas'
+    forward: ``_dropout`` then ``_fc``): Linear(1280, 128), or Linear(1280, 1280) -> ReLU ->
+    Linear(1280, 128) with ``--student_mlp`` (an encoder with ``head_input="dropped"``).
+    Drop-connect ``stochastic_depth_prob`` is lukemelas' 0.2 (every EfficientNet; its rate
+    grows as 0.2 * block index / number of blocks), so train mode needs a 'dropout' rng.
 
     ``image_size`` fixes the padding (`tf_same_padding`): "native" is lukemelas' resolution
     (224 B0, 240 B1), what SEED builds and what its checkpoints were trained with (at 224 px);
@@ -486,8 +490,8 @@ class SeedEfficientNet(nn.Module):
     width: float = 1.0
     image_size: int | str | None = "native"
     dropout: float = 0.2
-    # lukemelas trains with drop_connect 0.2; 0 keeps train steps free of a 'dropout' rng.
-    stochastic_depth_prob: float = 0.0
+    # lukemelas' drop_connect_rate (0.2 for every EfficientNet); 0 turns it off.
+    stochastic_depth_prob: float = 0.2
     dtype: Dtype = jnp.float32
 
     def _design_size(self) -> int | None:

@@ -1,8 +1,8 @@
 """Projection heads and the backbone + head `Encoder`.
 
 Heads map pooled backbone features (N, d) to an embedding (N, out_dim) and are called as
-``head(feats, train=...)``; only ``mlp_bn`` has BatchNorm (so ``batch_stats``) and differs
-between train and eval.
+``head(feats, train=...)``; only ``mlp_bn`` and ``mlp_bn_out`` have BatchNorm (so
+``batch_stats``) and differ between train and eval.
 
 - ``mlp``: Dense(hidden) -> ReLU -> Dense(out_dim), named ``fc_0`` / ``fc_2`` like torch's
   ``fc.0`` / ``fc.2`` in MoCo-v2. ``hidden_dim=None`` uses the input width d (SEED's student
@@ -10,6 +10,8 @@ between train and eval.
 - ``mlp_bn``: Dense(hidden) -> BatchNorm1d -> ReLU -> Dense(out_dim), named ``fc_0`` /
   ``fc_1`` / ``fc_3`` like torch's ``projection_head.0/1/3`` in SwAV (and BYOL's projector).
   The first Dense keeps its bias, as SwAV's ``nn.Linear`` does.
+- ``mlp_bn_out``: ``mlp_bn`` whose output Dense (no bias) is followed by a BatchNorm without
+  centre, ``fc_4``: SimCLR's projection head (BN on every layer, the last without bias/ReLU).
 - ``mcl_embed``: MCL's ``Embed``: Dense(hidden=out_dim) -> ReLU -> Dense(out_dim), then L2
   normalisation, named ``proj_head_0`` / ``proj_head_2`` like torch's ``proj_head.0/2``.
 - ``linear``: Dense(out_dim) named ``fc``.
@@ -50,18 +52,33 @@ class MLPHead(nn.Module):
 
 
 class MLPBNHead(nn.Module):
-    """Two-layer MLP with BatchNorm1d after the hidden layer (SwAV / BYOL projector)."""
+    """Two-layer MLP with BatchNorm1d after the hidden layer (SwAV / BYOL projector).
+
+    ``out_bn=True`` is SimCLR's projection head (google-research/simclr ``ProjectionHead``,
+    ``LinearLayer(use_bias=False, use_bn=True)`` for the last layer): the output Dense has no
+    bias and is followed by a BatchNorm with a scale and no centre (``center=use_bias=False``).
+    """
 
     out_dim: int = 128
     hidden_dim: int | None = None
     dtype: Dtype = jnp.float32
+    out_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         hidden = x.shape[-1] if self.hidden_dim is None else self.hidden_dim
         x = _dense(hidden, self.dtype, "fc_0")(x)
         x = nn.relu(layers.batch_norm(train, self.dtype, "fc_1")(x))
-        return _dense(self.out_dim, self.dtype, "fc_3")(x)
+        if not self.out_bn:
+            return _dense(self.out_dim, self.dtype, "fc_3")(x)
+        x = nn.Dense(self.out_dim, use_bias=False, kernel_init=LINEAR_INIT, dtype=self.dtype,
+                     param_dtype=jnp.float32, name="fc_3")(x)
+        # Flax's BN: it has the centre-less form (use_bias=False), and its running variance is
+        # the biased batch variance, what SimCLR's Keras (Sync)BatchNormalization keeps too.
+        # Momentum 0.9 (SimCLR's batch_norm_decay) and eps 1e-5 (its BATCH_NORM_EPSILON).
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            use_bias=False, use_scale=True, use_fast_variance=False,
+                            dtype=self.dtype, param_dtype=jnp.float32, name="fc_4")(x)
 
 
 class MCLEmbed(nn.Module):
@@ -104,15 +121,30 @@ class Encoder(nn.Module):
     ``classify=True`` (a backbone built with ``num_classes > 0``) it also returns the class
     ``logits`` from the same pass (SSLD, KD); otherwise the backbone's classifier is never
     called, so it gets no parameters.
+
+    ``head_dropout`` > 0: in train mode the head sees the features after a Dropout of that rate
+    (a ``dropout`` rng is then needed), in eval mode the features themselves. That is a head
+    which replaces the classifier *after* the backbone's classifier dropout, as SEED's student
+    MLP does (``build_encoder`` with ``head_input="dropped"``). ``features`` stays the
+    pre-dropout feature either way.
     """
 
     backbone: nn.Module
     head: nn.Module
     classify: bool = False
+    head_dropout: float = 0.0
 
+    @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
         if self.classify:
             out = self.backbone(x, train=train, features="both")
-            return {**out, "embedding": self.head(out["features"], train=train)}
+            return {**out, "embedding": self.head(self._head_input(out["features"], train),
+                                                  train=train)}
         feats = self.backbone(x, train=train, features=True)
-        return {"features": feats, "embedding": self.head(feats, train=train)}
+        return {"features": feats, "embedding": self.head(self._head_input(feats, train),
+                                                          train=train)}
+
+    def _head_input(self, feats: jnp.ndarray, train: bool) -> jnp.ndarray:
+        if self.head_dropout <= 0:
+            return feats
+        return nn.Dropout(self.head_dropout, deterministic=not train, name="head_dropout")(feats)

@@ -9,7 +9,9 @@ torch path, so ``params['features_4']['block_2_fc1']['kernel']`` is torch
 `disco_jax.models.resnet`; depthwise kernels are (kh, kw, 1, C) vs torch's (C, 1, kh, kw).
 
 The pre-logit feature (``features=True`` or ``num_classes=0``) is the output of
-``classifier_0`` + Hardswish (1280-d Large, 1024-d Small), taken before the dropout, as in SEED.
+``classifier_0`` + Hardswish (1280-d Large, 1024-d Small), taken before the dropout. An encoder
+with ``head_input="dropped"`` (`disco_jax.models.build_encoder`) feeds its head, in train mode,
+the feature after that dropout, as SEED's student MLP sees it (see `SeedMobileNetV3`).
 """
 
 from __future__ import annotations
@@ -254,9 +256,10 @@ class SeedMobileNetV3(nn.Module):
     It differs from torchvision's in more than names: the SE of expanding blocks sits before
     the activation, SE layers are Linear, and BN is torch's default (eps 1e-5, momentum 0.1).
     Same channels and parameter count as torchvision's (5,483,032 Large, 2,542,856 Small). The
-    pooled feature is ``classifier_0`` + Hardswish (1280 / 1024), what SEED's student MLP
-    replaces ``fc`` on. ``width`` scales every width, the 1280/1024 layer included (SEED keeps
-    it fixed below width 1).
+    pooled feature is ``classifier_0`` + Hardswish (1280 / 1024); SEED's ``classifier`` ends
+    with Dropout(0.2) (``classifier_2``) and its student MLP replaces ``fc``, so in train mode
+    the MLP sees the dropped-out feature: an encoder with ``head_input="dropped"``. ``width``
+    scales every width, the 1280/1024 layer included (SEED keeps it fixed below width 1).
     """
 
     arch: str  # a key of ARCHS

@@ -51,7 +51,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> n
     return layers.conv(features, kernel, name, dtype, stride)
 
 
-def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
+def _bn(train: bool, dtype: Dtype, name: str) -> layers.BatchNorm:
     return layers.batch_norm(train, dtype, name, BN_MOMENTUM, BN_EPS)
 
 
@@ -74,6 +74,19 @@ def check_part(part: str) -> None:
 def in_part(stage: int, part: str, stem_stages: int) -> bool:
     """Whether stage `stage` (0-based) runs in `part` of a network split after `stem_stages`."""
     return part == "all" or (stage < stem_stages) == (part == "stem")
+
+
+def check_stages(stages: bool, part: str) -> None:
+    if stages and part != "all":
+        raise ValueError(f"stages=True needs the whole network (part='all'), got part={part!r}")
+
+
+def with_stages(feats: jnp.ndarray, num_classes: int, classify: nn.Module,
+                maps: Sequence[jnp.ndarray]) -> dict[str, Any]:
+    """The ``stages=True`` output: pooled ``features``, ``logits`` when the net classifies, and
+    ``stages``, the feature maps after every stage but the last (L-MCL, methods.md §4.4)."""
+    out = {"features": feats, "stages": tuple(maps[:-1])}
+    return out | ({"logits": classify(feats)} if num_classes else {})
 
 
 class BasicBlock(nn.Module):
@@ -142,14 +155,17 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False, features: bool | str = False,
-                 part: str = "all") -> Any:
+                 part: str = "all", stages: bool = False) -> Any:
         """``part``: "all" (the plain model), "stem" (conv1 ... layer{SHARED_STEM_STAGES}; returns
         the feature map) or "branch" (the remaining stages + classifier on a stem feature map).
         The sub-module names are the same in every part, so stem + branch params = plain params.
+        ``stages=True`` (part "all") returns `with_stages`' dict: the pooled features, logits
+        and the feature maps after layer1 ... layer{S-1}.
         """
         if self.stem not in STEMS:
             raise unknown_name("stem", self.stem, STEMS)
         check_part(part)
+        check_stages(stages, part)
         base = max(1, round(64 * self.width * self.widen))
         if part == "branch":
             pass
@@ -162,6 +178,7 @@ class ResNet(nn.Module):
             x = _conv(base, 3, 1, self.dtype, "conv1")(x)
             x = nn.relu(_bn(train, self.dtype, "bn1")(x))
 
+        maps = []
         for i, num_blocks in enumerate(self.stage_sizes):
             if not in_part(i, part, self.SHARED_STEM_STAGES):
                 continue
@@ -170,6 +187,7 @@ class ResNet(nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 block = self.block(planes, stride, self.dtype, name=f"layer{i + 1}_{j}")
                 x = block(x, train)
+            maps.append(x)
         if part == "stem":
             return x
 
@@ -181,10 +199,14 @@ class ResNet(nn.Module):
             param_dtype=jnp.float32,
             name="fc",
         )
+        if stages:
+            return with_stages(x, self.num_classes, fc, maps)
         return layers.classifier_output(x, features, self.num_classes, fc)
 
 
 # ``widen`` is bound in every constructor so that it is not a user option (`model_options`).
+# One basic block per stage: the small 4-stage network of the demo (no torchvision weights).
+resnet10 = partial(ResNet, block=BasicBlock, stage_sizes=(1, 1, 1, 1), widen=1)
 resnet18 = partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2), widen=1)
 resnet34 = partial(ResNet, block=BasicBlock, stage_sizes=(3, 4, 6, 3), widen=1)
 resnet50 = partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3), widen=1)
