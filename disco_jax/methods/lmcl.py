@@ -58,7 +58,6 @@ from disco_jax.errors import ConfigError
 from disco_jax.methods import mcl
 from disco_jax.methods.common import (
     bn_groups,
-    bn_knobs,
     check_bn_groups,
     check_choice,
     check_positive,
@@ -74,31 +73,17 @@ TERMS = mcl.TERMS
 # main_layer_mcl_cifar_meta.py (the ImageNet script: alpha = beta = 0.01, tau 0.07,
 # meta_freq 500, memory bank; configs/lmcl_r34x2.py).
 LOSS_DEFAULTS: dict[str, Any] = {
-    "form": "in_batch",
-    "num_nets": 2,
-    "tau": 0.1,
-    "kd_temp": 3.0,
-    "alpha": 0.1,
-    "gamma": 1.0,
-    "beta": 0.1,
-    "lam": 1.0,
+    **mcl.COHORT_DEFAULTS,
     "meta_freq": 50,
     "meta_steps": 2,
     "meta_adjoint": "official",
-    "per_class": 2,
-    "pos_k": 1,
-    "neg_k": 8192,
-    "bank_momentum": 0.5,
     "vcl_bank": "first",
     "eval_heads": "all",
-    **bn_knobs(0),
 }
 
 
 def data_options(config: Any) -> dict:
-    if config.loss.form == "in_batch":
-        return {"per_class": int(config.loss.per_class)}
-    return {"with_index": True}
+    return mcl.data_options(config)  # in_batch: the class sampler; memory_bank: row indices
 
 
 def _check_int(config: Any, name: str, low: int) -> None:

@@ -55,8 +55,8 @@ from disco_jax.models.cohort import (
 NEEDS_TEACHER = False
 FORMS = ("in_batch", "memory_bank", "moco")
 TERMS = (("alpha", "vcl"), ("gamma", "soft_vcl"), ("beta", "icl"), ("lam", "soft_icl"))
-# The in_batch (CIFAR, main_cifar.py) defaults; `loss_config(form)` has each form's own.
-LOSS_DEFAULTS: dict[str, Any] = {
+# The knobs MCL and L-MCL share, with main_cifar.py's (in_batch) values.
+COHORT_DEFAULTS: dict[str, Any] = {
     "form": "in_batch",
     "num_nets": 2,
     "tau": 0.1,
@@ -66,16 +66,20 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "gamma": 1.0,
     "beta": 0.1,
     "lam": 1.0,
-    "logit_distill": False,
-    "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
-    "shared_stem": False,  # M >= 3 ResNets: one shared stem (official for M >= 3)
     "per_class": 2,  # in_batch: MPerClassSampler(m=2)
     "pos_k": 1,  # memory_bank
     "neg_k": 8192,
     "bank_momentum": 0.5,
+    **bn_knobs(0),
+}
+# The in_batch (CIFAR, main_cifar.py) defaults; `loss_config(form)` has each form's own.
+LOSS_DEFAULTS: dict[str, Any] = {
+    **COHORT_DEFAULTS,
+    "logit_distill": False,
+    "logit_distill_detach": True,  # CIFAR code; main_imagenet.py does not detach
+    "shared_stem": False,  # M >= 3 ResNets: one shared stem (official for M >= 3)
     "momentum": 0.999,  # moco: key encoders
     "key_bn": "shuffle",  # moco: MoCo's shuffle-BN (needs bn_group_size > 0)
-    **bn_knobs(0),
 }
 FORM_DEFAULTS: dict[str, dict[str, Any]] = {
     "in_batch": {},
