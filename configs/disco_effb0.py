@@ -28,7 +28,7 @@ the teacher's running statistics).
         --config.teacher.init=runs/moco_v2_r50/encoder
 
 Variants: `:teacher=resnet101` (a converted MoCo-v2 R-101 checkpoint as teacher.init);
-`:smoke` (tiny widths, digits data, 4 steps; what the tests run).
+`:smoke` (tiny widths, digits data, 4 steps, an untrained teacher; what the tests run).
 """
 
 from disco_jax import config_lib
@@ -57,5 +57,4 @@ def get_config(arg: str | None = None):
     if args.smoke:
         c = config_lib.smoke(c)
         c.loss.bn_group_size = 4  # 4 BN groups of 4 images at batch 16
-        c.teacher.init = ""  # tests point it at a smoke teacher
     return c

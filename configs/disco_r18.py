@@ -27,7 +27,7 @@ the teacher's running statistics).
         --config.teacher.init=runs/moco_v2_r50/encoder
 
 Variants: `:teacher=resnet101` (other MoCo-v2 teachers; paper rows unverified);
-`:smoke` (tiny widths, digits data, 4 steps; what the tests run).
+`:smoke` (tiny widths, digits data, 4 steps, an untrained teacher; what the tests run).
 """
 
 from disco_jax import config_lib
@@ -56,5 +56,4 @@ def get_config(arg: str | None = None):
     if args.smoke:
         c = config_lib.smoke(c)
         c.loss.bn_group_size = 4  # 4 BN groups of 4 images at batch 16
-        c.teacher.init = ""  # tests point it at a smoke teacher
     return c

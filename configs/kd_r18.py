@@ -12,8 +12,8 @@ converted with `python -m disco_jax.convert`) plus `ce_weight` x CE on the label
     python -m disco_jax.main --config configs/kd_r18.py --workdir runs/kd_r18 \\
         --config.teacher.init=runs/moco_v2_r50/encoder
 
-Variants: `:kind=logits|l2|cosine`; `:smoke` (tiny widths, digits data, 4 steps; with
-kind=logits the classifiers have the 10 digit classes).
+Variants: `:kind=logits|l2|cosine`; `:smoke` (tiny widths, digits data, 4 steps, an untrained
+teacher; with kind=logits the classifiers have the 10 digit classes).
 """
 
 from disco_jax import config_lib
@@ -42,5 +42,4 @@ def get_config(arg: str | None = None):
         c = config_lib.smoke(c)
         if args.kind == "logits":
             c.student.num_classes = c.teacher.num_classes = 10
-        c.teacher.init = ""  # tests point it at a smoke teacher
     return c

@@ -13,8 +13,8 @@ train mode the head sees the dropped-out 1280-d feature (`student.head_input="dr
     python -m disco_jax.main --config configs/seed_effb0.py --workdir runs/seed_effb0 \\
         --config.teacher.init=runs/moco_v2_r50/encoder
 
-Variants: `:smoke` (tiny widths, digits data, 4 steps; what the tests run; the student pads
-TF 'SAME' for the actual 16-px input, as the 224-px static pads do not fit it).
+Variants: `:smoke` (tiny widths, digits data, 4 steps, an untrained teacher; what the tests run;
+the student pads TF 'SAME' for the actual 16-px input, as the 224-px static pads do not fit it).
 """
 
 from disco_jax import config_lib
@@ -40,5 +40,4 @@ def get_config(arg: str | None = None):
     if args.smoke:
         c = config_lib.smoke(c)
         c.student.model_kwargs = {**c.student.model_kwargs, "image_size": None}
-        c.teacher.init = ""  # tests point it at a smoke teacher
     return c

@@ -18,7 +18,7 @@ official MoCo-v2 checkpoint, given as `--config.teacher.init=DIR`:
         --config.teacher.init=runs/moco_v2_r50/encoder
 
 ImageNet must be prepared for TFDS first (manual download; the run says how if it is not).
-Variants: `:smoke` (tiny widths, digits data, 4 steps; what the tests run).
+Variants: `:smoke` (tiny widths, digits data, 4 steps, an untrained teacher; what the tests run).
 """
 
 from disco_jax import config_lib
@@ -42,5 +42,4 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_epochs = 5.0
     if args.smoke:
         c = config_lib.smoke(c)
-        c.teacher.init = ""  # tests point it at a freshly trained smoke teacher
     return c

@@ -16,8 +16,9 @@ after the 0.2 `_dropout` (`student.head_input="dropped"`), in both forwards.
     python -m disco_jax.main --config configs/seed_multicrop_effb0.py --workdir runs/seed_mc \\
         --config.teacher.init=runs/swav_r50w2/encoder
 
-Variants: `:smoke` (tiny widths, 16-px views, six 8-px crops, digits data, 4 steps; the
-student pads TF 'SAME' for the actual input, as the 224-px static pads do not fit 16 or 8 px).
+Variants: `:smoke` (tiny widths, 16-px views, six 8-px crops, digits data, 4 steps, an untrained
+teacher; the student pads TF 'SAME' for the actual input, as the 224-px static pads do not fit 16
+or 8 px).
 """
 
 from disco_jax import config_lib
@@ -47,5 +48,4 @@ def get_config(arg: str | None = None):
         c = config_lib.smoke(c)
         c.student.model_kwargs = {**c.student.model_kwargs, "image_size": None}
         c.loss.small_size = 8
-        c.teacher.init = ""  # tests point it at a smoke teacher
     return c

@@ -18,8 +18,8 @@ The 4M unlabelled images are not public: pass any source as `unlabeled=NAME` (a 
 `finetune`); R50_vd itself is not in the model zoo, so the default names a plain ResNet-50
 classifier (e.g. a converted torchvision model).
 
-Variants: `:smoke` (digits, tiny ResNet-18s; 3 stages: a `supervised` teacher, then both
-SSLD stages).
+Variants: `:smoke` (digits, tiny ResNet-18s, both SSLD stages from an untrained 10-class
+classifier teacher, `teacher.init="random"`).
 """
 
 import ml_collections as mlc
@@ -51,7 +51,7 @@ def _stage(method: str, epochs: int, batch: int, lr_total: float, wd: float) -> 
     c.teacher = _classifier("resnet50", 1000)
     c.teacher.init = "runs/r50_teacher/encoder"
     # c.loss: ssld's LOSS_DEFAULTS (teacher BN in train mode, T = 1, eps 1e-12), written by
-    # base_config(method); the supervised teacher stage of `:smoke` has its own knobs.
+    # base_config(method).
     c.batch_size = batch
     c.total_epochs = epochs
     c.optimizer.base_lr = lr_total * 256 / batch
@@ -77,10 +77,6 @@ def get_config(arg: str | None = None):
     stages = {"distill": distill, "finetune": finetune}
 
     if args.smoke:
-        teacher = _stage("supervised", 1, 16, 0.1, 1e-4)
-        teacher.student = _classifier("resnet18", 10)
-        teacher.optimizer.warmup_epochs = 0.0
-        stages = {"teacher": teacher, **stages}
         for name, s in stages.items():
             s = config_lib.smoke(s)
             s.total_steps = 3
@@ -90,7 +86,7 @@ def get_config(arg: str | None = None):
             for net in ("student", "teacher"):
                 s[net].num_classes = 10
                 s[net].model = "resnet18"  # cheap compiles; SSLD's code paths are the same
-            s.teacher.init = "" if name == "teacher" else "{workdir}/teacher/encoder"
+            # config_lib.smoke set teacher.init="random": an untrained 10-class classifier.
             s.eval.enabled = name == "finetune"  # one full evaluation: the final student
             stages[name] = s
         # Unlabelled source: the digits train split once more (labels never read by ssld).

@@ -24,6 +24,9 @@ import orbax.checkpoint as ocp
 from disco_jax.errors import ConfigError
 
 MANIFEST = "manifest.json"
+# `teacher.init` value for an untrained teacher built by the trainer (smoke tests, benchmarks);
+# an encoder directory of that name is reached as "./random".
+RANDOM_INIT = "random"
 
 
 def manager(workdir: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
@@ -150,6 +153,17 @@ def read_manifest(path: str, role: str = "teacher") -> dict:
                           " `python -m disco_jax.convert` or point at another directory")
     manifest["path"] = path
     return manifest
+
+
+def teacher_manifest(net: Any, role: str = "teacher") -> dict:
+    """The manifest of the network `net.init` names: its encoder directory's, or for
+    `init="random"` the one `net`'s own config gives (architecture, head, classes; no weights
+    or fingerprint yet: the trainer initialises them)."""
+    if net.get("init") == RANDOM_INIT:
+        from disco_jax.methods import encoder_manifest  # here: the methods import this module
+
+        return encoder_manifest(net, path=RANDOM_INIT, source="random")
+    return read_manifest(net.init, role)
 
 
 def load_encoder(path: str, role: str = "teacher") -> tuple[dict, dict]:

@@ -62,6 +62,11 @@ def base_config(method: str = "seed") -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.method = method
     c.seed = 0
+    # "full" (a recipe as published), "smoke" (config_lib.smoke) or "benchmark": the last two
+    # may use an untrained teacher (teacher.init="random"); force_random_teacher allows it in
+    # any variant.
+    c.variant = "full"
+    c.force_random_teacher = False
 
     c.data = mlc.ConfigDict(
         {
@@ -107,7 +112,9 @@ def base_config(method: str = "seed") -> mlc.ConfigDict:
     )
     c.student = encoder_config("mobilenet_v3_large")
     c.teacher = encoder_config("resnet50", head_hidden=2048)
-    c.teacher.init = ""  # an encoder directory (finished workdir or converted checkpoint)
+    # An encoder directory (finished workdir or converted checkpoint), or "random": an
+    # untrained teacher of this architecture (smoke and benchmark variants only).
+    c.teacher.init = ""
     c.loss = methods.loss_defaults(method)
     c.queue_size = 65536
     c.batch_size = 256  # global
@@ -155,7 +162,12 @@ def distill_monitors(c: mlc.ConfigDict, every_epochs: float = 10.0) -> mlc.Confi
 
 
 def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
-    """Shrink any recipe into a seconds-long run on the embedded digits data (used by tests)."""
+    """Shrink any recipe into a seconds-long run on the embedded digits data (used by tests).
+    A method with a teacher gets an untrained one of the recipe's architecture
+    (teacher.init="random"), so the variant runs with no other flag."""
+    c.variant = "smoke"
+    if methods.get(c.method).NEEDS_TEACHER:
+        c.teacher.init = "random"
     c.data.name = "digits"
     c.data.train_split, c.data.eval_split = "train", "test"
     c.data.image_size = 16

@@ -4,6 +4,9 @@
         [--config.x=y] [--teacher DIR]
     python -m disco_jax.evaluate --workdir W          # W: a finished training run
 
+`--config` also takes a protocol's name (`linear:smoke`: configs/eval/linear.py, which an
+installed package carries inside it). Installed, the same command is `disco-jax-evaluate`.
+
 `DIR` is an encoder directory (`W/encoder` of a run, or what `python -m disco_jax.convert`
 wrote). Given only `--workdir W` of a training run, its encoder is evaluated and the results go
 into W. The data is `--config.data.name=...` (default: the dataset the encoder's manifest
@@ -13,6 +16,8 @@ name, protocol version, settings, metrics), OUT/eval.md, TensorBoard events and 
 (t-SNE of test embeddings; with `--teacher DIR`, student vs teacher similarities). Long
 protocols checkpoint under OUT/<name>/ and resume when the command is run again.
 Bad input ends with one `error:` line and exit status 2, before anything is written.
+TensorFlow's and XLA's start-up lines are hidden (`TF_CPP_MIN_LOG_LEVEL=2` where unset);
+`DISCO_JAX_VERBOSE=1` shows them.
 """
 
 from __future__ import annotations
@@ -204,10 +209,10 @@ def prepare(config: Any, encoder_flag: str | None, workdir_flag: str | None,
 def evaluate(config: Any, prepared: dict) -> list[dict]:
     """Run every evaluator with `at_end`, write eval.json / eval.md / events / plots."""
     import jax
-    from clu import metric_writers
 
     from disco_jax import eval as evaluation
     from disco_jax.eval import records
+    from disco_jax.run_log import metric_writers  # clu, once TF's GPUs are hidden
 
     out, env, model, manifest = (prepared[k] for k in ("out", "env", "model", "manifest"))
     os.makedirs(out, exist_ok=True)
@@ -263,20 +268,19 @@ def _plots(config: Any, prepared: dict) -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    from disco_jax.cli import QuietLibraries
+    from disco_jax import cli as cli_lib
     from disco_jax.errors import ConfigError
     from disco_jax.eval.linear import Preempted
 
     absl_logging.set_verbosity(absl_logging.INFO)
-    absl_logging.get_absl_handler().addFilter(QuietLibraries())
+    absl_logging.get_absl_handler().addFilter(cli_lib.QuietLibraries())
     config = _FLAGS["config"].value
     try:
         prepared = prepare(config, _FLAGS["encoder"].value, _FLAGS["workdir"].value,
                            _FLAGS["teacher"].value)
         results = evaluate(config, prepared)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli_lib.fail(str(e))
     except Preempted as e:
         print(f"{e}; run the same command again to resume", file=sys.stderr)
         return
@@ -293,9 +297,16 @@ def _with_default_config(argv: list[str]) -> list[str]:
     return [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
 
 
-if __name__ == "__main__":
-    from disco_jax.cli import parse_flags
+def cli() -> None:
+    """The program (`python -m disco_jax.evaluate`, `disco-jax-evaluate`)."""
+    from disco_jax import cli as cli_lib
 
+    cli_lib.quiet_start()
     define_flags()
-    sys.argv = _with_default_config(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    cli_lib.as_program(__name__, __doc__)
+    sys.argv = cli_lib.resolve_recipe_argv(_with_default_config(sys.argv), subdir="eval")
+    app.run(main, flags_parser=cli_lib.parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

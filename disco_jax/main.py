@@ -1,8 +1,15 @@
-"""Command line: `python -m disco_jax.main --config configs/NAME.py[:variant] --workdir DIR`.
+"""Command line: `python -m disco_jax.main --config RECIPE[:variant] --workdir DIR`.
 
-`--config.x=y` overrides any field. A config with `stages` (configs/demo.py) runs several
-trainings in order, each in `DIR/<stage>`, and writes a results table to `DIR/results.{json,md}`.
-Bad input ends with one `error:` line and exit status 2, never a traceback.
+RECIPE is a config file (`configs/seed_mbv3.py`) or a recipe's name (`seed_mbv3`: the file of
+that name in configs/, which an installed package carries inside it). `--config.x=y` overrides
+any field. A config with `stages` (configs/demo.py) runs several trainings in order, each in
+`DIR/<stage>`, and writes a results table to `DIR/results.{json,md}`. `--dry_run` checks the
+config as a run would, prints the resolved config and the plan (steps, epochs, devices, batch
+per device, the student's FLOPs per image) and exits without compiling or writing anything
+(`--workdir` may then be left out). Installed, the same command is `disco-jax-train`.
+Bad input ends with one `error:` line and exit status 2, never a traceback. TensorFlow's and
+XLA's start-up lines are hidden (`TF_CPP_MIN_LOG_LEVEL=2` where unset); `DISCO_JAX_VERBOSE=1`
+shows them.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from disco_jax import cli as cli_lib
 from disco_jax.cli import QuietLibraries, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -34,6 +42,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "on: jax cluster auto-detection (TPU pods, SLURM); auto: when SLURM/TPU env shows several"
     " processes or the flags above are given; off: single process.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check the config, print it resolved and the run's plan (steps, devices,"
+    " batch per device, FLOPs per image), and exit without compiling or writing the workdir.")
 _DIST_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300,
     "Seconds to wait for every process to arrive, and for a silent peer mid-run before it is"
@@ -86,6 +97,30 @@ def run_stages(config, workdir: str) -> dict:
     return summary
 
 
+def dry_run(config) -> None:
+    """`--dry_run`: validate, print the resolved config and the plan; compile and write nothing.
+    A ConfigError propagates (one line, exit 2) as it would from a run."""
+    import jax
+
+    from disco_jax import methods, plan
+
+    if "stages" in config:
+        plans = plan.plan_stages(config)
+        resolved = {name: json.loads(methods.resolve_loss(config.stages[name])
+                                     .to_json_best_effort()) for name in config.stage_order}
+    else:
+        plans = {"": plan.plan(config)}
+        resolved = json.loads(methods.resolve_loss(config).to_json_best_effort())
+    if jax.process_index() > 0:
+        return
+    print(json.dumps(resolved, indent=2, sort_keys=True))
+    for name, p in plans.items():
+        print(f"plan{f' of stage {name}' if name else ''}:")
+        for line in plan.describe(p):
+            print(f"  {line}")
+    print("dry run: the config is valid; nothing was compiled or written")
+
+
 def main(argv: list[str]) -> None:
     del argv
     from disco_jax.errors import ConfigError
@@ -93,8 +128,8 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(QuietLibraries())
     config, workdir = _CONFIG.value, _WORKDIR.value
-    if config is None or not workdir:
-        sys.exit("error: both --config and --workdir are required")
+    if config is None or not (workdir or _DRY_RUN.value):
+        cli_lib.fail("both --config and --workdir are required")
     import jax
 
     from disco_jax import distributed
@@ -106,7 +141,10 @@ def main(argv: list[str]) -> None:
             absl_logging.set_verbosity(absl_logging.WARNING)
         from disco_jax import train
 
-        if "stages" in config:
+        if _DRY_RUN.value:
+            dry_run(config)
+            results = {}
+        elif "stages" in config:
             results = run_stages(config, workdir)
             if not results.get("preempted"):
                 print(open(os.path.join(workdir, "results.md")).read())
@@ -119,8 +157,7 @@ def main(argv: list[str]) -> None:
                   " command again to resume", file=sys.stderr)
     except ConfigError as e:
         distributed.finish(ok=False)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli_lib.fail(str(e))
     except FloatingPointError as e:
         distributed.finish(ok=False)
         print(f"error: {e}", file=sys.stderr)
@@ -133,5 +170,13 @@ def main(argv: list[str]) -> None:
         raise
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The program (`python -m disco_jax.main`, `disco-jax-train`)."""
+    cli_lib.quiet_start()
+    cli_lib.as_program(__name__, __doc__)
+    sys.argv = cli_lib.resolve_recipe_argv(sys.argv)
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

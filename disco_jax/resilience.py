@@ -35,7 +35,7 @@ log = logging.getLogger("disco_jax")
 RESUME_FREE_KEYS = (
     "stop_at_step", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "evals", "eval", "force_resume", "data.data_dir", "teacher.init", "mesh",
-    "nonfinite",
+    "nonfinite", "variant", "force_random_teacher",
 )
 TMP_MARK = ".orbax-checkpoint-tmp"
 

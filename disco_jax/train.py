@@ -21,9 +21,18 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 
-from disco_jax import checkpoint, data, distributed, methods, models, optim, resilience, sharding
+from disco_jax import (
+    checkpoint,
+    data,
+    distributed,
+    methods,
+    models,
+    optim,
+    platform_info,
+    resilience,
+    sharding,
+)
 from disco_jax import eval as evaluation
 from disco_jax.errors import ConfigError
 
@@ -51,6 +60,8 @@ def num_train_steps(config: Any, steps_per_epoch: int) -> int:
 
 def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, dict | None]:
     """Every check that needs no compile; raises ConfigError with one line. Writes nothing."""
+    if method.NEEDS_TEACHER and config.teacher.get("init") == checkpoint.RANDOM_INIT:
+        check_random_teacher(config)  # first: a full recipe is refused wherever it runs
     sharding.check_batch(config.batch_size, mesh)
     source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
     resilience.NonFiniteGuard(config.get("nonfinite", "stop"))  # validates the option
@@ -76,8 +87,9 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     teacher_manifest = None
     if method.NEEDS_TEACHER:
         if not config.teacher.init:
-            raise ConfigError(f"method {config.method!r} needs teacher.init (an encoder directory)")
-        teacher_manifest = checkpoint.read_manifest(config.teacher.init)
+            raise ConfigError(f"method {config.method!r} needs teacher.init (an encoder directory,"
+                              " or 'random' in a smoke or benchmark variant)")
+        teacher_manifest = checkpoint.teacher_manifest(config.teacher)
         if teacher_manifest.get("model") != config.teacher.model:
             raise ConfigError(
                 f"teacher checkpoint {teacher_manifest['path']!r} holds a"
@@ -85,6 +97,52 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
                 f" {config.teacher.model!r}"
             )
     return source, teacher_manifest
+
+
+# Config variants (`config.variant`, set by config_lib.smoke) that may use an untrained teacher.
+RANDOM_TEACHER_VARIANTS = ("smoke", "benchmark")
+
+
+def check_random_teacher(config: Any) -> None:
+    """ConfigError unless `teacher.init="random"` is allowed here: a smoke or benchmark
+    variant, or forced (a real recipe with an untrained teacher distils nothing)."""
+    variant = config.get("variant", "")
+    if variant in RANDOM_TEACHER_VARIANTS or config.get("force_random_teacher", False):
+        return
+    raise ConfigError(
+        f"teacher.init=random (an untrained teacher) is for smoke and benchmark variants only,"
+        f" and this config's variant is {variant!r}; set --config.force_random_teacher=True to"
+        " use one anyway"
+    )
+
+
+def random_teacher(config: Any, method: Any, dtype: Any) -> tuple[dict, dict]:
+    """(host variables, manifest) of an untrained teacher of `config.teacher`'s architecture,
+    drawn with numpy from `config.seed` (traced for its shapes, nothing compiles): LeCun-normal
+    weights (std 1/sqrt(fan-in)), zero biases, unit BN. Every process and every resume draws
+    the same teacher on any backend (its fingerprint says so)."""
+    log.warning("teacher.init=random: the teacher is untrained; for smoke tests and benchmarks"
+                " only")
+    manifest = checkpoint.teacher_manifest(config.teacher)
+    module = method.build_teacher(manifest, dtype)
+    size = config.data.image_size
+    shapes = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0),
+                            jnp.zeros((1, size, size, 3), dtype))
+    rng = np.random.default_rng([int(config.seed) % 2**32, 0x7EAC])  # not the student's stream
+
+    def draw(path: tuple, leaf: Any) -> np.ndarray:
+        name = getattr(path[-1], "key", "")
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if len(leaf.shape) >= 2:  # kernels: (..., fan_in, out) and depthwise (kh, kw, 1, C)
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)).astype(
+                leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)  # biases, BN means
+
+    host_vars = jax.tree_util.tree_map_with_path(
+        draw, {k: shapes[k] for k in ("params", "batch_stats") if k in shapes})
+    return host_vars, manifest | {"fingerprint": checkpoint.fingerprint(host_vars)}
 
 
 def check_variables(module: Any, host_vars: dict, manifest: dict, size: int, dtype: Any,
@@ -113,8 +171,12 @@ def check_variables(module: Any, host_vars: dict, manifest: dict, size: int, dty
 
 def load_teacher(config: Any, method: Any, dtype: Any) -> tuple[Any, Any, dict]:
     """(module, host variables, manifest) of the frozen teacher; ConfigError if its weights are
-    unreadable or do not fit the architecture its manifest names. Traces, never compiles."""
-    host_vars, manifest = checkpoint.load_encoder(config.teacher.init)
+    unreadable or do not fit the architecture its manifest names (`teacher.init="random"`:
+    an untrained one, `random_teacher`). Traces, never compiles."""
+    if config.teacher.init == checkpoint.RANDOM_INIT:
+        host_vars, manifest = random_teacher(config, method, dtype)
+    else:
+        host_vars, manifest = checkpoint.load_encoder(config.teacher.init)
     teacher = method.build_teacher(manifest, dtype)
     check_variables(teacher, host_vars, manifest, config.data.image_size, dtype)
     return teacher, host_vars, manifest
@@ -166,45 +228,14 @@ def eval_model(method: Any, ctx: dict, config: Any, state: dict, teacher_vars: A
         tag=f"{config.method}@{int(state['step'])}")
 
 
-class Progress(periodic_actions.ReportProgress):
-    """clu's ReportProgress as the one source of steps/s and ETA: it triggers at the log
-    steps, and the loop's log line and metrics.jsonl read the figures it computed."""
+def __getattr__(name: str) -> Any:
+    # Progress and MetricsLog live in run_log: clu imports TensorFlow, which the train step must
+    # not need. `train.Progress` still works, importing run_log on first use.
+    if name in ("Progress", "MetricsLog"):
+        from disco_jax import run_log
 
-    def __init__(self, *, num_train_steps: int, every_steps: int):
-        super().__init__(num_train_steps=num_train_steps, every_steps=every_steps,
-                         every_secs=None)
-        self.steps_per_sec: float | None = None
-        self.eta_seconds: float | None = None
-        self._paused_before = 0.0
-
-    def _apply(self, step: int, t: float) -> None:
-        # Time inside `timed(...)` blocks (periodic evaluations) is not training time: leave it
-        # out of the rate, so an evaluation does not make the next ETA jump.
-        paused = sum(self._time_per_part.values())
-        train_s = (t - self._previous_time) - (paused - self._paused_before)
-        self._paused_before = paused
-        self.steps_per_sec = (step - self._previous_step) / max(train_s, 1e-9)
-        self.eta_seconds = (self._num_train_steps - step) / max(self.steps_per_sec, 1e-9)
-        # clu's own writer call is skipped: the loop writes steps_per_sec once, with the rest.
-
-
-class MetricsLog:
-    """clu writers (TensorBoard) plus one JSON object per logged step in metrics.jsonl."""
-
-    def __init__(self, workdir: str):
-        self.is_main = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_main)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        self.writer.write_scalars(step, scalars)
-        if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **scalars}) + "\n")
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
+        return getattr(run_log, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: optim.Schedule,
@@ -278,7 +309,7 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
     ]
     if per_process == 1:
         return streams[0]
-    import tensorflow as tf
+    from disco_jax.data._tf import tf  # GPUs hidden from TF
 
     return tf.data.Dataset.zip(tuple(streams)).map(
         lambda *xs: {k: tf.concat([x[k] for x in xs], 0) for k in xs[0]}
@@ -293,6 +324,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
 
     `extra_actions`: more periodic work, `action(step, state)` called after every step (tests
     use it to send signals or inspect the state at a step)."""
+    platform_info.log_backend(log)  # first: which backend, and a warning if a GPU/TPU is unused
     method = methods.get(config.method)
     config = methods.resolve_loss(config)  # every knob in config.json; unknown keys refused
     mesh = sharding.make_mesh(config.mesh.num_devices)
@@ -436,8 +468,10 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         return eval_model(method, ctx, config, state, teacher_vars, dtype)
 
     # ---- the loop. Periodic work is a list of actions `(step, state) -> None`.
-    metrics_log = MetricsLog(workdir)
-    progress = Progress(num_train_steps=total_steps, every_steps=config.log_every_steps)
+    from disco_jax import run_log  # clu: TensorFlow, only once a run trains
+
+    metrics_log = run_log.MetricsLog(workdir)
+    progress = run_log.Progress(num_train_steps=total_steps, every_steps=config.log_every_steps)
     end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
 
     def periodic_evals(step: int, state: dict) -> None:

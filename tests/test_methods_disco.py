@@ -1,12 +1,11 @@
 """DisCo, shuffle-BN, KD baselines and SEED multi-crop: units, 8-vs-1 devices, smoke configs.
 
-Teachers are random-weight encoder directories written without compiling anything (the method
-plumbing, not the teacher's quality, is under test). Each `train.run` compiles one step.
+Teachers are the smoke variants' own untrained ones (`teacher.init="random"`, no teacher flag:
+the method plumbing, not the teacher's quality, is under test). Each `train.run` compiles one
+step (and the teacher's init).
 """
 
 from __future__ import annotations
-
-import json
 
 import flax.linen as nn
 import jax
@@ -17,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from disco_jax import checkpoint, methods, models, sharding, train
+from disco_jax import methods, sharding, train
 from disco_jax.errors import ConfigError
 from disco_jax.methods import common
 from disco_jax.models import layers
@@ -25,38 +24,13 @@ from tests.helpers import (
     group_permutation,
     load_config,
     permute_batches,
-    random_variables,
     read_metrics,
 )
 from tests.test_train import final_state
 
 
-@pytest.fixture(scope="session")
-def make_teacher(tmp_path_factory):
-    """Encoder dirs (random weights, unit BN) for a config's teacher, one per architecture."""
-    made: dict[str, str] = {}
-
-    def make(cfg) -> str:
-        manifest = methods.encoder_manifest(cfg.teacher)
-        key = json.dumps(manifest, sort_keys=True)
-        if key not in made:
-            module = models.build_encoder(manifest)
-            size = cfg.data.image_size
-            shapes = jax.eval_shape(lambda: module.init(
-                jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
-            variables = random_variables(
-                {k: shapes[k] for k in ("params", "batch_stats") if k in shapes})
-            path = str(tmp_path_factory.mktemp("teacher") / "encoder")
-            checkpoint.save_encoder(path, variables, manifest | {"source": "test"})
-            made[key] = path
-        return made[key]
-
-    return make
-
-
-def smoke_config(spec, data_dir, make_teacher, **overrides):
-    cfg = load_config(spec, data_dir)
-    cfg.teacher.init = make_teacher(cfg)
+def smoke_config(spec, data_dir, **overrides):
+    cfg = load_config(spec, data_dir)  # its own untrained teacher: no teacher flag
     cfg.total_steps = 2
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
@@ -240,10 +214,9 @@ def test_validation_errors_are_config_errors():
 R18 = {"student.model": "resnet18", "student.model_kwargs": {"width": 0.25, "stem": "cifar"}}
 
 
-def test_disco_r18_smoke_shuffle_bn_8_devices_equals_1_device(tmp_path, data_dir, make_teacher,
-                                                               monkeypatch):
+def test_disco_r18_smoke_shuffle_bn_8_devices_equals_1_device(tmp_path, data_dir, monkeypatch):
     # bn_group_size=4 fixes the BN groups, so the device count must not matter.
-    cfgs = {n: no_augment(smoke_config("disco_r18.py:smoke", data_dir, make_teacher,
+    cfgs = {n: no_augment(smoke_config("disco_r18.py:smoke", data_dir,
                                        **{"mesh.num_devices": n})) for n in (8, 1)}
     assert cfgs[1].loss.key_bn == "shuffle" and cfgs[1].loss.bn_group_size == 4
     perm = group_permutation(cfgs[1])
@@ -264,20 +237,20 @@ def test_disco_r18_smoke_shuffle_bn_8_devices_equals_1_device(tmp_path, data_dir
 
 
 @pytest.mark.parametrize("spec", ["disco_effb0.py:smoke", "disco_mbv3.py:smoke"])
-def test_disco_smoke_configs_run_end_to_end(tmp_path, data_dir, make_teacher, spec):
+def test_disco_smoke_configs_run_end_to_end(tmp_path, data_dir, spec):
     # Global key BN and eval-mode teacher here, so every BN option trains somewhere.
     overrides = {"loss.key_bn": "global", "loss.teacher_bn": "eval"} if "mbv3" in spec else {}
-    cfg = smoke_config(spec, data_dir, make_teacher, **overrides)
+    cfg = smoke_config(spec, data_dir, **overrides)
     cfg.eval.enabled = "mbv3" in spec  # one full evaluation is enough
     res = train.run(cfg, str(tmp_path))
     assert res["step"] == 2
     assert all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path)))
 
 
-def test_seed_multicrop_8_devices_equals_1_device(tmp_path, data_dir, make_teacher, monkeypatch):
+def test_seed_multicrop_8_devices_equals_1_device(tmp_path, data_dir, monkeypatch):
     # seed_multicrop_effb0:smoke with a ResNet-18 student (the EfficientNet compile is slow;
     # the shipped config runs in test_seed_smoke_configs_run_end_to_end).
-    cfgs = {n: no_augment(smoke_config("seed_multicrop_effb0.py:smoke", data_dir, make_teacher,
+    cfgs = {n: no_augment(smoke_config("seed_multicrop_effb0.py:smoke", data_dir,
                                        **{"mesh.num_devices": n}, **R18)) for n in (8, 1)}
     perm = group_permutation(cfgs[1])
     runs = [run(cfgs[n], tmp_path / str(n)) for n in (8, 1)]
@@ -291,13 +264,13 @@ def test_seed_multicrop_8_devices_equals_1_device(tmp_path, data_dir, make_teach
 
 @pytest.mark.parametrize(
     "spec", ["seed_effb0.py:smoke", "seed_r18.py:smoke", "seed_multicrop_effb0.py:smoke"])
-def test_seed_smoke_configs_run_end_to_end(tmp_path, data_dir, make_teacher, spec):
-    res = train.run(smoke_config(spec, data_dir, make_teacher), str(tmp_path))
+def test_seed_smoke_configs_run_end_to_end(tmp_path, data_dir, spec):
+    res = train.run(smoke_config(spec, data_dir), str(tmp_path))
     assert res["step"] == 2
 
 
-def test_kd_logits_smoke_8_devices_equals_1_device(tmp_path, data_dir, make_teacher, monkeypatch):
-    cfgs = {n: no_augment(smoke_config("kd_r18.py:smoke,kind=logits", data_dir, make_teacher,
+def test_kd_logits_smoke_8_devices_equals_1_device(tmp_path, data_dir, monkeypatch):
+    cfgs = {n: no_augment(smoke_config("kd_r18.py:smoke,kind=logits", data_dir,
                                        **{"mesh.num_devices": n})) for n in (8, 1)}
     perm = group_permutation(cfgs[1])
     runs = [run(cfgs[n], tmp_path / str(n)) for n in (8, 1)]
@@ -309,7 +282,7 @@ def test_kd_logits_smoke_8_devices_equals_1_device(tmp_path, data_dir, make_teac
     assert_same_training(*runs, perm)
 
 
-def test_kd_cosine_smoke_runs(tmp_path, data_dir, make_teacher):
-    res = train.run(smoke_config("kd_r18.py:smoke", data_dir, make_teacher), str(tmp_path))
+def test_kd_cosine_smoke_runs(tmp_path, data_dir):
+    res = train.run(smoke_config("kd_r18.py:smoke", data_dir), str(tmp_path))
     assert res["step"] == 2
     assert all(0 <= r["loss"] <= 2 for r in read_metrics(str(tmp_path)))

@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         result = run(args)
     except ConfigError as e:  # e.g. --devices larger than the visible devices
-        sys.exit(f"error: {e}")
+        from disco_jax.cli import fail
+
+        fail(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2)

@@ -4,7 +4,9 @@ The output directory is what ``teacher.init`` takes. The other way round,
 ``python -m disco_jax.convert export ENCODER_DIR OUTPUT [--to torchvision|detectron2]`` writes
 an encoder directory (e.g. a trained student's ``W/encoder``) as a torch state dict or a
 detectron2 ResNet backbone (``.pkl``). Bad input prints one ``error: ...`` line and exits with
-status 2.
+status 2; so does a missing PyTorch (``pip install 'disco_jax[torch]'``). Installed, the same
+command is ``disco-jax-convert``. XLA's C++ start-up lines are hidden (``TF_CPP_MIN_LOG_LEVEL=2``
+where unset, before the backend starts); ``DISCO_JAX_VERBOSE=1`` shows them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import json
 import sys
 from typing import Any
 
+from disco_jax import cli as cli_lib
 from disco_jax.errors import ConfigError
+
+_NO_TORCH = ("reading or writing PyTorch checkpoints needs torch, which is not installed:"
+             " pip install 'disco_jax[torch]'")
 
 
 def _kwarg(text: str) -> tuple[str, Any]:
@@ -43,7 +49,12 @@ def export_main(argv: list[str]) -> int:
         manifest = convert.export_encoder(args.encoder_dir, args.output, args.to, args.prefix)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_lib.BAD_INPUT
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"error: {_NO_TORCH}", file=sys.stderr)
+        return cli_lib.BAD_INPUT
     print(f"wrote {args.output}: {manifest['model']} as {args.to}")
     return 0
 
@@ -97,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli_lib.BAD_INPUT
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"error: {_NO_TORCH}", file=sys.stderr)
+        return cli_lib.BAD_INPUT
     print(
         f"wrote {args.output_dir}: {manifest['model']} + {manifest['head']} head"
         f" (embed_dim {manifest['embed_dim']}), source sha256 {manifest['source_sha256'][:12]}..."
@@ -105,5 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The program (`python -m disco_jax.convert`, `disco-jax-convert`); argparse's own usage
+    errors exit 2 as well."""
+    cli_lib.quiet_start()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

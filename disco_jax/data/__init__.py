@@ -2,6 +2,10 @@
 
 The host decodes, random-resized-crops and flips (uint8). Colour jitter, grayscale, blur and
 normalisation run on the accelerator inside the train step (`mocov2_augment`).
+
+Importing this package does not import TensorFlow: `pipeline` and `sources` name it through
+`_tf.tf`, which imports it (GPUs hidden from it) on first use, when a source or a dataset is
+made; `augment` is pure JAX. So the train step runs in an environment without TensorFlow.
 """
 
 from disco_jax.data.augment import mocov2_augment, normalize

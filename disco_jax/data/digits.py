@@ -76,7 +76,9 @@ def ensure_digits(data_dir: str | None = None) -> str:
     if _is_prepared(data_dir):
         return data_dir
 
-    import tensorflow_datasets as tfds
+    from disco_jax.data._tf import import_tfds
+
+    tfds = import_tfds()  # TF imported first, its GPUs hidden
 
     os.makedirs(data_dir, exist_ok=True)
     # Same filesystem as the target, so the final os.replace is an atomic rename.
@@ -96,8 +98,7 @@ def ensure_digits(data_dir: str | None = None) -> str:
             for split, (x, y) in _split_arrays().items()
         }
         # A one-off 1797-example build; its progress bars would only clutter logs and test output.
-        from tensorflow_datasets.core.utils import tqdm_utils
-
+        tqdm_utils = tfds.core.utils.tqdm_utils
         was_active = getattr(tqdm_utils, "_active", True)
         tqdm_utils.display_progress_bar(False)
         try:

@@ -24,10 +24,10 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from disco_jax.data._tf import tf  # TF on first use (GPUs hidden): see _tf.py
 from disco_jax.data.sources import DataSource, shard_bounds
 from disco_jax.errors import ConfigError
 

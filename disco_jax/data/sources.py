@@ -21,15 +21,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
+from disco_jax.data._tf import import_tfds, tf  # TF on first use (GPUs hidden): see _tf.py
 from disco_jax.errors import ConfigError, unknown_name
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # (split, start, end, decode) -> dataset of {"image", "label"}, examples [start, end) of the split.
-_ReadFn = Callable[[str, int, int, bool], tf.data.Dataset]
+_ReadFn = Callable[[str, int, int, bool], "tf.data.Dataset"]  # a string: no TF import here
 
 
 def shard_bounds(
@@ -138,7 +138,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def _unknown_tfds_name(name: str) -> ConfigError:
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=4, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else ""
@@ -161,7 +161,7 @@ def _prepare_hint(name: str, data_dir: str) -> str:
 
 
 def _tfds_source(name: str, data_dir: str | None) -> DataSource:
-    import tensorflow_datasets as tfds
+    tfds = import_tfds()
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)

@@ -73,8 +73,8 @@ def validate(config: Any) -> None:
         raise ConfigError(f"loss.temperature must be positive, got {cfg.temperature}")
     if not cfg.eps >= 0:
         raise ConfigError(f"loss.eps must be >= 0, got {cfg.eps}")
-    if config.teacher.get("init"):
-        manifest = checkpoint.read_manifest(config.teacher.init)
+    if config.teacher.get("init"):  # a directory, or "random" (the config's own classifier)
+        manifest = checkpoint.teacher_manifest(config.teacher)
         if int(manifest.get("num_classes", 0) or 0) != _num_classes(config.student):
             raise ConfigError(
                 f"ssld teacher {manifest['path']!r} has num_classes="
