@@ -85,9 +85,11 @@ def test_the_relay_from_process_0_names_the_same_process(capsys):
 
 
 def test_a_silent_peer_is_named_after_the_timeout(capsys):
+    # t0 before the watchdog exists: its clock starts when it is built or started, so a t0
+    # taken after that made the measured wait a hair shorter than the timeout (0.59994 s).
+    t0 = time.monotonic()
     watch, theirs, exits, done = make_watch(0, 2, [1], timeout_s=0.6)
     watch.start()
-    t0 = time.monotonic()
     assert done.wait(10.0)  # nothing arrives from process 1: no heartbeat, no close
     assert 0.6 <= time.monotonic() - t0 < 10.0
     assert "error: process 1 of 2 stopped responding" in capsys.readouterr().err
