@@ -33,6 +33,20 @@ def _kwarg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _guarded(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, int | None]:
+    """(fn's result, None), or (None, BAD_INPUT) after one `error:` line for bad input or a
+    missing torch; any other error propagates."""
+    try:
+        return fn(*args, **kwargs), None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"error: {_NO_TORCH}", file=sys.stderr)
+    return None, cli_lib.BAD_INPUT
+
+
 def export_main(argv: list[str]) -> int:
     from disco_jax import convert
 
@@ -45,16 +59,10 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--to", default="torchvision", choices=("torchvision", "detectron2"))
     parser.add_argument("--prefix", default="", help="prefix for every key (torchvision only)")
     args = parser.parse_args(argv)
-    try:
-        manifest = convert.export_encoder(args.encoder_dir, args.output, args.to, args.prefix)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli_lib.BAD_INPUT
-    except ModuleNotFoundError as e:
-        if e.name != "torch":
-            raise
-        print(f"error: {_NO_TORCH}", file=sys.stderr)
-        return cli_lib.BAD_INPUT
+    manifest, status = _guarded(convert.export_encoder, args.encoder_dir, args.output, args.to,
+                                args.prefix)
+    if status is not None:
+        return status
     print(f"wrote {args.output}: {manifest['model']} as {args.to}")
     return 0
 
@@ -96,24 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         help="model option, e.g. width=0.5 or stem=cifar (repeatable)",
     )
     args = parser.parse_args(argv)
-    try:
-        manifest = convert.convert_file(
-            args.format,
-            args.arch,
-            args.input,
-            args.output_dir,
-            num_classes=args.num_classes,
-            ignore=args.ignore,
-            **dict(args.model_kwarg),
-        )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return cli_lib.BAD_INPUT
-    except ModuleNotFoundError as e:
-        if e.name != "torch":
-            raise
-        print(f"error: {_NO_TORCH}", file=sys.stderr)
-        return cli_lib.BAD_INPUT
+    manifest, status = _guarded(
+        convert.convert_file,
+        args.format,
+        args.arch,
+        args.input,
+        args.output_dir,
+        num_classes=args.num_classes,
+        ignore=args.ignore,
+        **dict(args.model_kwarg),
+    )
+    if status is not None:
+        return status
     print(
         f"wrote {args.output_dir}: {manifest['model']} + {manifest['head']} head"
         f" (embed_dim {manifest['embed_dim']}), source sha256 {manifest['source_sha256'][:12]}..."
