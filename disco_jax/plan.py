@@ -18,14 +18,6 @@ from disco_jax import data, methods, sharding, train
 from disco_jax.errors import ConfigError
 
 
-def steps_per_epoch(config: Any, source: Any) -> int:
-    """The pipeline's own epoch length, as `train.run` computes it."""
-    shards = train.data_shards(config)
-    return max(1, data.steps_per_epoch(source, split=config.data.train_split,
-                                       local_batch=config.batch_size // shards,
-                                       process_count=shards))
-
-
 def forward_flops(module: Any, image_size: int) -> float | None:
     """XLA's estimate of one image's forward pass (`train=False`), from the lowered, not
     compiled, computation (a multiply-add counts 2). Lowered on the CPU backend: the count is
@@ -64,7 +56,7 @@ def plan(config: Any, *, check: bool = True) -> dict:
     else:
         sharding.check_batch(config.batch_size, mesh)
         source = data.get_source(config.data)
-    per_epoch = steps_per_epoch(config, source)
+    per_epoch = train.epoch_steps(config, source)
     total = train.num_train_steps(config, per_epoch)
     stop = int(config.get("stop_at_step", -1))
     dtype = train.compute_dtype(config.dtype)

@@ -50,6 +50,14 @@ def compute_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+def epoch_steps(config: Any, source: Any) -> int:
+    """The pipeline's own epoch length, so per-epoch lr steps line up with its reshuffles."""
+    shards = data_shards(config)
+    return max(1, data.steps_per_epoch(source, split=config.data.train_split,
+                                       local_batch=config.batch_size // shards,
+                                       process_count=shards))
+
+
 def num_train_steps(config: Any, steps_per_epoch: int) -> int:
     if config.total_steps > 0:
         return int(config.total_steps)
@@ -361,12 +369,7 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
             resilience.remove_partial(workdir, step)
 
     # ---- steps and schedule.
-    # The pipeline's own epoch length, so per-epoch lr steps line up with its reshuffles.
-    shards = data_shards(config)
-    steps_per_epoch = max(1, data.steps_per_epoch(
-        source, split=config.data.train_split,
-        local_batch=config.batch_size // shards, process_count=shards,
-    ))
+    steps_per_epoch = epoch_steps(config, source)
     total_steps = num_train_steps(config, steps_per_epoch)
     schedule = optim.lr_schedule(
         base_lr=config.optimizer.base_lr,
