@@ -236,16 +236,6 @@ def eval_model(method: Any, ctx: dict, config: Any, state: dict, teacher_vars: A
         tag=f"{config.method}@{int(state['step'])}")
 
 
-def __getattr__(name: str) -> Any:
-    # Progress and MetricsLog live in run_log: clu imports TensorFlow, which the train step must
-    # not need. `train.Progress` still works, importing run_log on first use.
-    if name in ("Progress", "MetricsLog"):
-        from disco_jax import run_log
-
-        return getattr(run_log, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: optim.Schedule,
                     ctx: dict) -> Any:
     """The pure train step `(state, batch, teacher_vars) -> (state, metrics)`, not yet jitted.

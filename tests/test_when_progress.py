@@ -2,7 +2,7 @@
 
 import pytest
 
-from disco_jax import train, when
+from disco_jax import run_log, when
 from disco_jax.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def test_itstime():
 
 
 def test_progress_rate_leaves_out_evaluation_time():
-    progress = train.Progress(num_train_steps=100, every_steps=10)
+    progress = run_log.Progress(num_train_steps=100, every_steps=10)
     t = 1000.0
     for step in range(1, 21):
         t += 0.5  # 2 steps/s of training
