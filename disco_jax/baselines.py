@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from disco_jax import data, methods, models, sharding
+from disco_jax import data, jit_util, methods, models, sharding
 from disco_jax import eval as evaluation
 from disco_jax.errors import ConfigError, unknown_name
 
@@ -35,8 +35,9 @@ def _predict(kind: str, config: Any, dtype: Any) -> tuple[Any, dict]:
         return fn, {}
     module = models.build_encoder(config.student, dtype)
     size = config.data.image_size
-    variables = module.init(jax.random.PRNGKey(config.seed),
-                            jnp.zeros((1, size, size, 3), dtype), train=False)
+    variables = jit_util.run_once(
+        lambda r: module.init(r, jnp.zeros((1, size, size, 3), dtype), train=False),
+        jax.random.PRNGKey(config.seed))
 
     def fn(v: dict, x: jax.Array) -> dict:
         out = module.apply(v, data.normalize(x, dtype, *stats), train=False)

@@ -3,13 +3,14 @@
 RECIPE is a config file (`configs/seed_mbv3.py`) or a recipe's name (`seed_mbv3`: the file of
 that name in configs/, which an installed package carries inside it). `--config.x=y` overrides
 any field. A config with `stages` (configs/demo.py) runs several trainings in order, each in
-`DIR/<stage>`, and writes a results table to `DIR/results.{json,md}`. `--dry_run` checks the
-config as a run would, prints the resolved config and the plan (steps, epochs, devices, batch
-per device, the student's FLOPs per image) and exits without compiling or writing anything
-(`--workdir` may then be left out). Installed, the same command is `disco-jax-train`.
-Bad input ends with one `error:` line and exit status 2, never a traceback. TensorFlow's and
-XLA's start-up lines are hidden (`TF_CPP_MIN_LOG_LEVEL=2` where unset); `DISCO_JAX_VERBOSE=1`
-shows them.
+`DIR/<stage>`, and writes a results table to `DIR/results.{json,md}`; its stages share JAX's
+persistent compilation cache in `DIR/compile_cache` (unless JAX_COMPILATION_CACHE_DIR is set).
+`--dry_run` checks the config as a run would, prints the resolved config and the plan (steps,
+epochs, devices, batch per device, the student's FLOPs per image) and exits without compiling or
+writing anything (`--workdir` may then be left out). Installed, the same command is
+`disco-jax-train`. Bad input ends with one `error:` line and exit status 2, never a traceback.
+TensorFlow's and XLA's start-up lines are hidden (`TF_CPP_MIN_LOG_LEVEL=2` where unset);
+`DISCO_JAX_VERBOSE=1` shows them.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def _seeds(config, name: str) -> tuple:
 def run_stages(config, workdir: str) -> dict:
     """Run each stage of a multi-stage config (some once per seed), evaluate the reference
     rows of `config.baselines` (`disco_jax.baselines`), and write the results table."""
-    from disco_jax import baselines, report, train
+    from disco_jax import baselines, jit_util, report, train
 
+    # Seeds of a stage compile the same programs: the 2nd and 3rd load them from this cache.
+    jit_util.enable_compile_cache(os.path.join(workdir, "compile_cache"))
     results, t0 = {}, time.time()
     for name in config.stage_order:
         runs = []

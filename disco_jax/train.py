@@ -26,6 +26,7 @@ from disco_jax import (
     checkpoint,
     data,
     distributed,
+    jit_util,
     methods,
     models,
     optim,
@@ -430,8 +431,8 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
                         saved_meta.get("teacher"), meta["teacher"])
         log.info("resumed from %s at step %d", mngr.directory, latest)
     else:
-        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.PRNGKey(config.seed),
-                                                             host)
+        state = jit_util.run_once(init_state, jax.random.PRNGKey(config.seed), host,
+                                  out_shardings=state_sh)
         log.info("initialised a new %s run in %s", config.method, workdir)
     start_step = int(state["step"])
     if is_main:

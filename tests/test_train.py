@@ -313,6 +313,8 @@ def test_demo_smoke_runs_all_stages(tmp_path, data_dir):
     md = open(tmp_path / "results.md").read()
     assert "| seed | seed | resnet10 | 0.25 | resnet10 |" in md  # smoke: width 0.25
     assert "±" in md.split("| seed | seed |")[1].splitlines()[0]
+    # The suite's compilation cache (JAX_COMPILATION_CACHE_DIR, conftest) is kept, not replaced.
+    assert not (tmp_path / "compile_cache").exists()
 
 
 def test_config_arg_parsing_is_typed():
