@@ -6,9 +6,9 @@ from it (SEED, DisCo) above the same student trained with its own MoCo-v2, by mo
 spread over 3 seeds. Stages, each in WORKDIR/<stage>[/seed<k>], then a table in
 WORKDIR/results.{json,md} (mean ± sample std over the seeds):
 1. `teacher`: MoCo-v2 pretraining of a 4-stage ResNet with one basic block per stage
-   (`resnet10`, widths 24-192, CIFAR stem; `teacher_epochs`, 40);
+   (`resnet10`, widths 24-192, CIFAR stem; `teacher_epochs`, 60);
 2. `baseline`: the student (`resnet10` widths 8-64, 10x fewer parameters than the teacher with
-   its head) with MoCo-v2 alone, `epochs` (15), 3 seeds;
+   its head) with MoCo-v2 alone, `epochs` (12), 3 seeds;
 3. `seed`: the same student distilled with SEED from the frozen teacher of stage 1, 3 seeds;
 4. `disco`: the same student with DisCo (its own MoCo-v2 plus MSE to the teacher's embedding on
    both views, with the official sum-reduction scale of 32 images per GPU), 3 seeds;
@@ -73,7 +73,7 @@ def _global_bn(c: mlc.ConfigDict) -> mlc.ConfigDict:
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
-        arg, smoke=False, epochs=15, teacher_epochs=40, seeds=3, teacher_width=0.375,
+        arg, smoke=False, epochs=12, teacher_epochs=60, seeds=3, teacher_width=0.375,
         student_width=0.125,
     )
     def teacher_net() -> mlc.ConfigDict:  # a fresh dict per stage: stages set their own init
