@@ -57,7 +57,9 @@ def _common(c: mlc.ConfigDict, epochs: int) -> mlc.ConfigDict:
 
 
 def _moco(c: mlc.ConfigDict) -> mlc.ConfigDict:
-    c.loss.temp = 0.2
+    # 0.1 rather than MoCo-v2's 0.2: measured on the teacher (60 epochs), kNN 98.33 / linear
+    # 98.61 against 97.50 / 98.06 at 0.2 (the raw pixels: 97.50 / 96.39).
+    c.loss.temp = 0.1
     c.loss.momentum = 0.99  # a few hundred steps: a faster key encoder than 0.999
     c.loss.key_bn = "global"
     return c
