@@ -11,8 +11,7 @@ import textwrap
 import jax
 
 from disco_jax import jit_util
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def test_compile_cache_keeps_a_cache_the_user_chose(tmp_path, monkeypatch):
@@ -57,7 +56,7 @@ def test_run_once_and_the_cache_in_a_default_process(tmp_path):
     """)
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
