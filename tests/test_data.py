@@ -275,6 +275,63 @@ def test_folder_source(tmp_path):
     assert sum(int(b["mask"].sum()) for b in evals) == 4
 
 
+def _jpeg_folder(tmp_path) -> object:
+    """A folder source of 4:4:4 JPEGs (RGB and grayscale, 23-64 px) and one PNG."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(("a", "b")):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i, (w, h) in enumerate([(40, 30), (23, 37), (64, 48)]):
+                texture = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), np.uint8)
+                image = Image.fromarray(texture).resize((w, h), Image.BILINEAR)
+                if i == 1:
+                    image = image.convert("L")
+                if (c, i) == (1, 2):
+                    image.save(folder / "img.png")
+                else:
+                    image.save(folder / f"img{i}.jpg", quality=90, subsampling=0)  # 4:4:4
+    return get_source({"name": f"folder:{tmp_path}", "train_split": "train"})
+
+
+def test_fused_decode_is_the_full_decode_of_jpegs_without_chroma_subsampling(tmp_path):
+    # decode_and_crop_jpeg equals decode + crop bitwise when no chroma is upsampled (4:4:4, or
+    # grayscale); so the fused stream must equal the default one: same keys, boxes, resize and
+    # flip. The PNG takes the whole-image decode in both.
+    source = _jpeg_folder(tmp_path)
+    for views, small in ((1, 0), (2, 2)):
+        kwargs = dict(split="train", views=views, image_size=16, crop_scale=(0.1, 1.0),
+                      local_batch=3, seed=3, small_crops=small, small_size=8)
+        want = take(train_dataset(source, **kwargs), 4)
+        got = take(train_dataset(source, fused_decode=True, **kwargs), 4)
+        assert_batches_equal(got, want)
+        assert len({b["image" if views == 1 else "view1"].tobytes() for b in want}) > 1
+
+
+def test_antialias_off_resizes_the_same_crops_without_antialiasing(tmp_path):
+    # The 23-64 px images shrink to 8 px crops: plain bilinear must differ from antialiased
+    # (it samples 4 pixels where the antialiased filter averages the whole footprint).
+    source = _jpeg_folder(tmp_path)
+    kwargs = dict(split="train", views=2, image_size=8, local_batch=3, seed=3)
+    want = take(train_dataset(source, **kwargs), 2)
+    got = take(train_dataset(source, antialias=False, **kwargs), 2)
+    for w, g in zip(want, got, strict=True):
+        assert w.keys() == g.keys() and all(w[k].shape == g[k].shape for k in w)
+        np.testing.assert_array_equal(w["label"], g["label"])  # the same examples, in order
+    assert any(not np.array_equal(w["view1"], g["view1"]) for w, g in zip(want, got, strict=True))
+    with pytest.raises(ConfigError, match="data.antialias must be true or false"):
+        train_dataset(source, antialias="no", **kwargs)
+
+
+def test_fused_decode_refuses_what_it_cannot_fuse(digits):
+    with pytest.raises(ConfigError, match="fused_decode.*pad_crop"):
+        train_dataset(digits, split="train", views=1, image_size=8, local_batch=4, seed=0,
+                      train_crop="pad_crop", fused_decode=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        train_dataset(digits, split="train", views=1, image_size=8, local_batch=4, seed=0,
+                      fused_decode="yes")
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(ConfigError, match="train/"):
         get_source({"name": f"folder:{tmp_path}"})

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import collections
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -84,8 +85,8 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def _resize(image: tf.Tensor, size) -> tf.Tensor:
-    return tf.image.resize(image, size, method="bilinear", antialias=True)
+def _resize(image: tf.Tensor, size, antialias: bool = True) -> tf.Tensor:
+    return tf.image.resize(image, size, method="bilinear", antialias=antialias)
 
 
 def _crop_box(
@@ -125,14 +126,35 @@ def _crop_box(
 
 def _random_view(
     image: tf.Tensor, key: tf.Tensor, image_size: int, scale: tuple[float, float],
-    flip_p: float = 0.5,
+    flip_p: float = 0.5, antialias: bool = True,
 ) -> tf.Tensor:
     """Random-resized crop + horizontal flip of a decoded HxWxC image -> uint8 SxSx3."""
     k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
     shape = tf.shape(image)
     top, left, ch, cw = _crop_box(k_crop, shape[0], shape[1], scale)
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, -1]))
-    view = _resize(crop, [image_size, image_size])
+    return _resize_flip(crop, k_flip, image_size, flip_p, antialias)
+
+
+def _fused_random_view(
+    jpeg: tf.Tensor, key: tf.Tensor, image_size: int, scale: tuple[float, float],
+    flip_p: float = 0.5, antialias: bool = True,
+) -> tf.Tensor:
+    """`_random_view` of JPEG bytes that decodes only the crop (`decode_and_crop_jpeg`): the
+    same keys, box, resize and flip. Bitwise equal to `_random_view(decode(jpeg))` for JPEGs
+    without chroma subsampling; with it (most photos), libjpeg upsamples the chroma at the
+    crop's left and right edges from fewer neighbours, which changes a few edge pixels (up to
+    25 levels on 0.09 % of the pixels of the benchmark's 4:2:0 JPEGs, before the resize)."""
+    k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg=_ALG))
+    shape = tf.image.extract_jpeg_shape(jpeg)
+    top, left, ch, cw = _crop_box(k_crop, shape[0], shape[1], scale)
+    crop = tf.image.decode_and_crop_jpeg(jpeg, tf.stack([top, left, ch, cw]), channels=3)
+    return _resize_flip(crop, k_flip, image_size, flip_p, antialias)
+
+
+def _resize_flip(crop: tf.Tensor, k_flip: tf.Tensor, image_size: int, flip_p: float,
+                 antialias: bool) -> tf.Tensor:
+    view = _resize(crop, [image_size, image_size], antialias)
     view = tf.cond(_uniform(k_flip, []) < flip_p, lambda: tf.reverse(view, [1]), lambda: view)
     return _to_rgb(_to_uint8(view))
 
@@ -208,10 +230,24 @@ def validate(data_cfg, augment_cfg=None) -> None:
     padding = data_cfg.get("crop_padding", 4)
     if not isinstance(padding, (int, np.integer)) or padding < 0:
         raise ConfigError(f"data.crop_padding must be an integer >= 0, got {padding!r}")
+    _check_fused(data_cfg.get("fused_decode", False), train_crop)
+    _check_bool("data.antialias", data_cfg.get("antialias", True))
     augment.check_stats(data_cfg.get("mean", augment.IMAGENET_MEAN),
                         data_cfg.get("std", augment.IMAGENET_STD))
     if augment_cfg is not None:
         augment.validate(augment_cfg)
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_fused(fused: Any, train_crop: str) -> None:
+    _check_bool("data.fused_decode", fused)
+    if fused and train_crop != "random_resized":
+        raise ConfigError("data.fused_decode decodes random-resized crops only; it cannot be"
+                          f" combined with data.train_crop={train_crop!r}")
 
 
 def _check_positive(**values: int) -> None:
@@ -249,6 +285,8 @@ def train_dataset(
     small_scale: tuple[float, float] = (0.05, 0.14),
     per_class: int = 0,
     with_index: bool = False,
+    fused_decode: bool = False,
+    antialias: bool = True,
 ) -> tf.data.Dataset:
     """Infinite stream of this process's training batches, a pure function of (seed, step).
 
@@ -262,6 +300,13 @@ def train_dataset(
     `train_crop` picks the large views' geometry: "random_resized" (RandomResizedCrop with
     `crop_scale`, the ImageNet recipes) or "pad_crop" (RandomCrop with `crop_padding` zeros,
     CIFAR); both then flip with `flip_p`. Multi-crop `crops` are always random-resized.
+    `fused_decode=True` (random-resized crops only) decodes each crop of a JPEG alone with
+    `tf.image.decode_and_crop_jpeg` instead of decoding the whole image once (other formats
+    are decoded whole, as without it); see `_fused_random_view` for the few edge pixels in
+    which it differs from the default, which decodes as the official PyTorch code (PIL) does.
+    `antialias=False` resizes the random-resized crops with plain bilinear interpolation
+    instead of the antialiased one (PIL's, and torchvision's on tensors, so the default); it
+    aliases when a crop is shrunk, and it is about twice as fast on a CPU (BENCHMARKS.md).
     """
     if views not in (1, 2):
         raise ConfigError(f"views must be 1 or 2, got {views!r}")
@@ -274,6 +319,8 @@ def train_dataset(
     lo, hi = (float(v) for v in crop_scale)
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
+    _check_fused(fused_decode, train_crop)
+    _check_bool("data.antialias", antialias)
     if start_step < 0:
         raise ConfigError(f"start_step must be >= 0, got {start_step}")
     if small_crops:
@@ -311,28 +358,44 @@ def train_dataset(
         ds = ds.skip(tf.where(e == start_epoch, tf.constant(skip, tf.int64), 0))
         return ds.map(lambda pos, ex: (_fold_in(epoch_key, pos), ex))
 
-    def large_view(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-        if train_crop == "pad_crop":
-            return _pad_crop_view(image, key, image_size, int(crop_padding), flip_p)
-        return _random_view(image, key, image_size, (lo, hi), flip_p)
+    def crops(view: Callable[[tf.Tensor, int, tuple[float, float]], tf.Tensor],
+              key: tf.Tensor, image: tf.Tensor | None = None) -> dict:
+        """Every view of one example; `view(key, size, scale)` is a random-resized crop, and
+        pad_crop cuts the decoded `image`."""
+        def large_view(k: tf.Tensor) -> tf.Tensor:
+            if train_crop == "pad_crop":
+                return _pad_crop_view(image, k, image_size, int(crop_padding), flip_p)
+            return view(k, image_size, (lo, hi))
 
-    def decode_and_crop(key: tf.Tensor, ex: dict) -> dict:
-        image = source.decode(ex["image"])
-        out = {"label": ex["label"]}
-        if with_index:
-            out["index"] = ex["index"]
-        if views == 1:
-            out["image"] = large_view(image, key)
-        else:
-            for v in (1, 2):
-                out[f"view{v}"] = large_view(image, _fold_in(key, v))
+        out = {"image": large_view(key)} if views == 1 else {
+            f"view{v}": large_view(_fold_in(key, v)) for v in (1, 2)}
         if small_crops:
             # Keys 100+i: independent of the large views' keys 1, 2.
-            out["crops"] = tf.stack([
-                _random_view(image, _fold_in(key, 100 + i), small_size,
-                             tuple(small_scale), flip_p)
-                for i in range(small_crops)
-            ])
+            out["crops"] = tf.stack([view(_fold_in(key, 100 + i), small_size, tuple(small_scale))
+                                     for i in range(small_crops)])
+        return out
+
+    def decoded_crops(encoded: tf.Tensor, key: tf.Tensor) -> dict:
+        image = source.decode(encoded)
+
+        def view(k: tf.Tensor, size: int, scale: tuple[float, float]) -> tf.Tensor:
+            return _random_view(image, k, size, scale, flip_p, antialias)
+
+        return crops(view, key, image)
+
+    def fused_crops(jpeg: tf.Tensor, key: tf.Tensor) -> dict:
+        return crops(lambda k, size, scale: _fused_random_view(jpeg, k, size, scale, flip_p,
+                                                               antialias), key)
+
+    def decode_and_crop(key: tf.Tensor, ex: dict) -> dict:
+        if fused_decode:
+            out = tf.cond(tf.io.is_jpeg(ex["image"]), lambda: fused_crops(ex["image"], key),
+                          lambda: decoded_crops(ex["image"], key))
+        else:
+            out = decoded_crops(ex["image"], key)
+        out["label"] = ex["label"]
+        if with_index:
+            out["index"] = ex["index"]
         return out
 
     # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.
