@@ -16,6 +16,7 @@ TensorFlow's and XLA's start-up lines are hidden (`TF_CPP_MIN_LOG_LEVEL=2` where
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -58,9 +59,10 @@ def _seeds(config, name: str) -> tuple:
     return tuple(config.seeds) if name in config.get("seeded", ()) else (None,)
 
 
-def run_stages(config, workdir: str) -> dict:
+def run_stages(config, workdir: str, extra_actions: tuple = ()) -> dict:
     """Run each stage of a multi-stage config (some once per seed), evaluate the reference
-    rows of `config.baselines` (`disco_jax.baselines`), and write the results table."""
+    rows of `config.baselines` (`disco_jax.baselines`), and write the results table.
+    `extra_actions` go to every stage's `train.run`."""
     from disco_jax import baselines, jit_util, report, train
 
     # Seeds of a stage compile the same programs: the 2nd and 3rd load them from this cache.
@@ -81,7 +83,7 @@ def run_stages(config, workdir: str) -> dict:
             logging.getLogger("disco_jax").info("=== stage %s (%s, seed %d)", name,
                                                 stage.method, stage.seed)
             t = time.time()
-            res = {**train.run(stage, stage_dir), "seed": stage.seed,
+            res = {**train.run(stage, stage_dir, extra_actions), "seed": stage.seed,
                    "stage_seconds": round(time.time() - t, 1)}
             runs.append(res)
             if res.get("preempted"):  # later stages need this one finished
@@ -124,7 +126,8 @@ def dry_run(config) -> None:
     print("dry run: the config is valid; nothing was compiled or written")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], extra_actions: tuple = ()) -> None:
+    """The program; `extra_actions` go to `train.run` (tests/signal_run.py passes one)."""
     del argv
     from disco_jax.errors import ConfigError
 
@@ -148,12 +151,12 @@ def main(argv: list[str]) -> None:
             dry_run(config)
             results = {}
         elif "stages" in config:
-            results = run_stages(config, workdir)
+            results = run_stages(config, workdir, extra_actions)
             if not results.get("preempted"):
                 print(open(os.path.join(workdir, "results.md")).read())
                 print(json.dumps({"wall_seconds": results["wall_seconds"]}))
         else:
-            results = train.run(config, workdir)
+            results = train.run(config, workdir, extra_actions)
         distributed.finish(ok=True)  # peers must not take this exit for a death
         if results.get("preempted"):
             print(f"preempted: saved step {results['step']} in {workdir}; run the same"
@@ -173,12 +176,13 @@ def main(argv: list[str]) -> None:
         raise
 
 
-def cli() -> None:
-    """The program (`python -m disco_jax.main`, `disco-jax-train`)."""
+def cli(extra_actions: tuple = ()) -> None:
+    """The program (`python -m disco_jax.main`, `disco-jax-train`); `extra_actions`: more
+    periodic work for `train.run`, `action(step, state)` (tests/signal_run.py)."""
     cli_lib.quiet_start()
     cli_lib.as_program(__name__, __doc__)
     sys.argv = cli_lib.resolve_recipe_argv(sys.argv)
-    app.run(main, flags_parser=parse_flags)
+    app.run(functools.partial(main, extra_actions=extra_actions), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """The one training loop: any method, any student/teacher, one mesh.
 
-Read top to bottom: validate -> workdir -> mesh & data -> models -> state (created sharded) ->
-restore -> jitted step -> loop (log, checkpoint, periodic actions such as the evaluators of
-`config.evals`) -> export and the final evaluators. Evaluation code is never called here: the
-loop hands an `eval.Model` to `eval.Suite`.
+`run` is validate (writes nothing) -> `setup` (teacher, workdir, schedule, models, state created
+sharded or restored, data and the jitted step, evaluators) -> `train_loop` (each step followed by
+a list of actions: progress, preemption and non-finite checks, the log line, the evaluators of
+`config.evals`, the checkpoint, and any `extra_actions`) -> `finish` (export and the final
+evaluators). What setup opens is closed on every way out (a `contextlib.ExitStack`). Evaluation
+code is never called here: the loop hands an `eval.Model` to `eval.Suite`.
 Nothing here branches on the method's name; methods plug in through `disco_jax.methods`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -237,6 +242,29 @@ def eval_model(method: Any, ctx: dict, config: Any, state: dict, teacher_vars: A
         tag=f"{config.method}@{int(state['step'])}")
 
 
+def make_init_state(method: Any, tx: optax.GradientTransformation, ctx: dict,
+                    dtype: Any) -> Any:
+    """The pure `(rng, host) -> state` of a new run (student variables, optimizer state, step,
+    rng and the method's extra state), to be jitted with the state's shardings."""
+    config, student = ctx["config"], ctx["student"]
+    size = config.data.image_size
+    dummy = jnp.zeros((1, size, size, 3), dtype)
+
+    def init_state(rng: jax.Array, host: dict) -> dict:
+        r_model, r_extra, r_step = jax.random.split(rng, 3)
+        variables = student.init(r_model, dummy, train=False)
+        student_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        return {
+            **student_vars,
+            "opt_state": tx.init(student_vars["params"]),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": r_step,
+            **method.init_extra(config, r_extra, student_vars, {**ctx, "host": host}),
+        }
+
+    return init_state
+
+
 def make_train_step(method: Any, tx: optax.GradientTransformation, schedule: optim.Schedule,
                     ctx: dict) -> Any:
     """The pure train step `(state, batch, teacher_vars) -> (state, metrics)`, not yet jitted.
@@ -298,7 +326,9 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
             source, split=config.data.train_split, views=method.views(config),
             image_size=config.data.image_size, crop_scale=tuple(config.data.crop_scale),
             flip_p=config.data.flip_p, train_crop=config.data.train_crop,
-            crop_padding=config.data.crop_padding, local_batch=config.batch_size // shards,
+            crop_padding=config.data.crop_padding, fused_decode=config.data.fused_decode,
+            antialias=config.data.antialias,
+            local_batch=config.batch_size // shards,
             seed=config.seed,
             start_step=start_step, process_index=jax.process_index() * per_process + i,
             process_count=shards, shuffle_buffer=config.data.shuffle_buffer,
@@ -317,34 +347,153 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
 
 # --------------------------------------------------------------------------- run
 
+# `train.run(..., extra_actions=...)`: `action(step, state)`, called right after each update.
+Action = Callable[[int, dict], None]
 
-def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict:
+
+@dataclasses.dataclass
+class StepEnd:
+    """One updated step as the loop's actions see it. An action sets `stop` (a preemption) to
+    end the run after this step: the later actions still run, and the checkpoint is forced."""
+
+    step: int
+    state: dict
+    metrics: dict
+    is_log: bool
+    is_last: bool
+    stop: bool = False
+
+
+LoopAction = Callable[[StepEnd], None]
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` hands the loop and `finish`: the fixed parts of one run."""
+
+    config: Any
+    method: Any
+    workdir: str
+    mesh: jax.sharding.Mesh
+    dtype: Any
+    ctx: dict
+    teacher_vars: Any
+    meta: dict  # saved with every checkpoint: the trajectory config and the teacher's identity
+    total_steps: int
+    steps_per_epoch: int
+    mngr: Any  # orbax CheckpointManager
+    step_fn: Any
+    batches: Iterator[dict]
+    suite: Any  # eval.Suite
+    metrics_log: Any  # run_log.MetricsLog
+
+    def model(self, state: dict) -> Any:
+        return eval_model(self.method, self.ctx, self.config, state, self.teacher_vars,
+                          self.dtype)
+
+
+def run(config: mlc.ConfigDict, workdir: str, extra_actions: Sequence[Action] = ()) -> dict:
     """Train (or resume) one method in `workdir`, evaluate, export; return the results dict.
 
-    `extra_actions`: more periodic work, `action(step, state)` called after every step (tests
-    use it to send signals or inspect the state at a step)."""
+    validate (writes nothing) -> `setup` -> `train_loop` -> `finish`. What setup opens (the
+    checkpoint manager, the metric writers) is closed on every way out, errors included.
+
+    `extra_actions`: more periodic work, `action(step, state)` called right after every step's
+    update, before that step's checks, log line and checkpoint (tests use it to send signals or
+    inspect the state at a step)."""
     platform_info.log_backend(log)  # first: which backend, and a warning if a GPU/TPU is unused
     method = methods.get(config.method)
     config = methods.resolve_loss(config)  # every knob in config.json; unknown keys refused
     mesh = sharding.make_mesh(config.mesh.num_devices)
     source, teacher_manifest = validate(config, method, mesh)
+    done = finished_results(workdir)
+    if done is not None:
+        return done
+    with contextlib.ExitStack() as stack:
+        r, state = setup(config, method, mesh, source, teacher_manifest, workdir, stack)
+        state, preempted, train_time = train_loop(r, state, extra_actions)
+        results = finish(r, state, preempted, train_time)
+    if jax.process_index() == 0 and not preempted and results["step"] >= r.total_steps:
+        _plot_curves(workdir)
+    return results
 
-    # ---- workdir: written only after validation passed.
-    is_main = jax.process_index() == 0
-    finished = os.path.join(workdir, "results.json")
-    if os.path.exists(finished):
-        with open(finished) as f:
-            done = json.load(f)
-        if done.get("step", 0) >= done.get("total_steps", 1):
-            log.info("%s already finished (step %d); delete results.json to evaluate again",
-                     workdir, done["step"])
-            return done
-    # The teacher is read (and its weights checked) before anything is written.
+
+def finished_results(workdir: str) -> dict | None:
+    """The results.json of a run that already reached its last step, else None."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("step", 0) < done.get("total_steps", 1):
+        return None
+    log.info("%s already finished (step %d); delete results.json to evaluate again", workdir,
+             done["step"])
+    return done
+
+
+def close_at_exit(stack: contextlib.ExitStack, close: Callable[[], None], what: str) -> None:
+    """`close()` when `stack` unwinds, on every path. On an error path a close that fails too
+    (the manager waits for an async write that failed) is logged, so the run's own error (a
+    one-line ConfigError, a FloatingPointError) stays the one raised."""
+
+    def exit_(exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc_type is None:
+            close()
+            return False
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 -- the error in flight matters more
+            log.warning("while stopping on an error, closing %s failed too: %s", what, e)
+        return False
+
+    stack.push(exit_)
+
+
+def setup(config: Any, method: Any, mesh: jax.sharding.Mesh, source: Any,
+          teacher_manifest: dict | None, workdir: str,
+          stack: contextlib.ExitStack) -> tuple[Run, dict]:
+    """Everything before the first step, in this order: the teacher (read and checked before
+    anything is written), the workdir, schedule and optimizer, models, the state (restored or
+    new), the run record, data and the jitted step, the evaluators, the metric writers."""
     dtype = compute_dtype(config.dtype)
-    teacher, host_teacher_vars, teacher_manifest = None, None, teacher_manifest
+    teacher, host_teacher_vars = None, None
     if method.NEEDS_TEACHER:
         teacher, host_teacher_vars, teacher_manifest = load_teacher(config, method, dtype)
-    # A checkpoint of another config is never resumed by accident.
+    steps_per_epoch = epoch_steps(config, source)
+    total_steps = num_train_steps(config, steps_per_epoch)  # a bad length: before any write
+    trajectory = prepare_workdir(config, workdir)
+    schedule = make_schedule(config, steps_per_epoch, total_steps)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+    ctx = make_ctx(config, method, mesh, dtype, teacher, total_steps, steps_per_epoch)
+    # The teacher is frozen, outside the optimizer and the checkpoints.
+    teacher_vars, teacher_id = teacher_on_mesh(host_teacher_vars, teacher_manifest, mesh)
+    meta = {"teacher": teacher_id, "config": trajectory}
+    state, state_sh, mngr = init_or_restore(config, method, tx, ctx, dtype, meta, workdir,
+                                            stack)
+    start_step = int(state["step"])
+    log_start(config, source, mesh, workdir, state, teacher_id, total_steps,
+              steps_per_epoch)
+    batches, step_fn = data_and_step(source, config, method, tx, schedule, ctx, state_sh,
+                                     start_step)
+    # config.evals: handed a Model, never called from here directly.
+    suite = evaluation.Suite(config.evals if config.eval.enabled else {},
+                             eval_env(config, method, mesh, workdir),
+                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    from disco_jax import run_log  # clu: TensorFlow, only once a run trains
+
+    metrics_log = run_log.MetricsLog(workdir)
+    close_at_exit(stack, metrics_log.close, "the metric writers")
+    return Run(config=config, method=method, workdir=workdir, mesh=mesh, dtype=dtype, ctx=ctx,
+               teacher_vars=teacher_vars, meta=meta, total_steps=total_steps,
+               steps_per_epoch=steps_per_epoch, mngr=mngr, step_fn=step_fn, batches=batches,
+               suite=suite, metrics_log=metrics_log), state
+
+
+def prepare_workdir(config: Any, workdir: str) -> dict:
+    """Refuse a checkpoint of another config (no resume by accident), then create the workdir,
+    write config.json and drop interrupted checkpoint writes (process 0). Returns the config's
+    trajectory identity, saved with every checkpoint."""
     trajectory = resilience.trajectory_config(config)
     complete, partial = resilience.scan_checkpoints(workdir)
     if complete:
@@ -353,16 +502,16 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
             bool(config.get("force_resume", False)),
         )
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
         for step in resilience.report_lost(workdir, complete, partial):
             resilience.remove_partial(workdir, step)
+    return trajectory
 
-    # ---- steps and schedule.
-    steps_per_epoch = epoch_steps(config, source)
-    total_steps = num_train_steps(config, steps_per_epoch)
-    schedule = optim.lr_schedule(
+
+def make_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> optim.Schedule:
+    return optim.lr_schedule(
         base_lr=config.optimizer.base_lr,
         global_batch=config.batch_size,
         steps_per_epoch=steps_per_epoch,
@@ -375,75 +524,84 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         warmup_from=config.optimizer.warmup_from,
         cosine_after_warmup=config.optimizer.cosine_after_warmup,
     )
-    tx = optim.make_optimizer(config.optimizer, schedule)
 
-    # ---- models. The teacher is frozen, outside the optimizer and the checkpoints.
-    student = method.build_student(config, dtype)
-    teacher_vars, meta = None, {"teacher": None, "config": trajectory}
-    repl = sharding.replicated(mesh)
-    if method.NEEDS_TEACHER:
-        teacher_vars = jax.device_put(host_teacher_vars, repl)
-        meta["teacher"] = {
-            "path": teacher_manifest["path"],
-            "fingerprint": teacher_manifest["fingerprint"],
-        }
-        log.info("teacher %s from %s (sha256 %s…)", teacher_manifest["model"],
-                 teacher_manifest["path"], teacher_manifest["fingerprint"][:12])
+
+def make_ctx(config: Any, method: Any, mesh: jax.sharding.Mesh, dtype: Any, teacher: Any,
+             total_steps: int, steps_per_epoch: int) -> dict:
+    """What the method's functions are handed: the modules, augmentation, config and mesh."""
     augment = functools.partial(data.mocov2_augment, **config.augment,
                                 mean=tuple(config.data.mean), std=tuple(config.data.std),
                                 out_dtype=dtype)
-    ctx = {"student": student, "teacher": teacher, "augment": augment, "config": config,
-           "mesh": mesh, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    return {"student": method.build_student(config, dtype), "teacher": teacher,
+            "augment": augment, "config": config, "mesh": mesh, "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch}
+
+
+def teacher_on_mesh(host_vars: Any, manifest: dict | None,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, dict | None]:
+    """(the teacher's variables replicated on `mesh`, its identity for the checkpoints' meta);
+    (None, None) without a teacher."""
+    if host_vars is None:
+        return None, None
+    log.info("teacher %s from %s (sha256 %s…)", manifest["model"], manifest["path"],
+             manifest["fingerprint"][:12])
+    return (jax.device_put(host_vars, sharding.replicated(mesh)),
+            {"path": manifest["path"], "fingerprint": manifest["fingerprint"]})
+
+
+def init_or_restore(config: Any, method: Any, tx: optax.GradientTransformation, ctx: dict,
+                    dtype: Any, meta: dict, workdir: str,
+                    stack: contextlib.ExitStack) -> tuple[dict, Any, Any]:
+    """(state, its shardings, the checkpoint manager, closed with `stack`): the latest
+    checkpoint in the workdir if any, else a new state created directly with its shardings."""
+    mesh = ctx["mesh"]
     # Host-side work of the method (read labels, load weights), passed into the jitted init.
-    host = jax.device_put(method.host_init(config, ctx), repl)
-
-    # ---- train state, created directly with its shardings.
-    size = config.data.image_size
-    dummy = jnp.zeros((1, size, size, 3), dtype)
-
-    def init_state(rng: jax.Array, host: dict) -> dict:
-        r_model, r_extra, r_step = jax.random.split(rng, 3)
-        variables = student.init(r_model, dummy, train=False)
-        student_vars = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        return {
-            **student_vars,
-            "opt_state": tx.init(student_vars["params"]),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": r_step,
-            **method.init_extra(config, r_extra, student_vars, {**ctx, "host": host}),
-        }
-
+    host = jax.device_put(method.host_init(config, ctx), sharding.replicated(mesh))
+    init_state = make_init_state(method, tx, ctx, dtype)
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed), host)
     state_sh = sharding.tree_shardings(abstract, mesh)
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-    )
-
-    # ---- restore (a checkpoint in the workdir wins), else initialise.
     mngr = checkpoint.manager(
         workdir, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps
     )
+    close_at_exit(stack, mngr.close, "the checkpoint manager")
     latest = mngr.latest_step()
-    if latest is not None:
-        state, saved_meta = checkpoint.restore(mngr, latest, abstract)
-        if saved_meta.get("teacher") != meta["teacher"]:
-            log.warning("teacher differs from the one this checkpoint was trained with: %s vs %s",
-                        saved_meta.get("teacher"), meta["teacher"])
-        log.info("resumed from %s at step %d", mngr.directory, latest)
-    else:
+    if latest is None:
         state = jit_util.run_once(init_state, jax.random.PRNGKey(config.seed), host,
                                   out_shardings=state_sh)
         log.info("initialised a new %s run in %s", config.method, workdir)
-    start_step = int(state["step"])
-    if is_main:
+        return state, state_sh, mngr
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+    )
+    state, saved_meta = checkpoint.restore(mngr, latest, abstract)
+    if saved_meta.get("teacher") != meta["teacher"]:
+        log.warning("teacher differs from the one this checkpoint was trained with: %s vs %s",
+                    saved_meta.get("teacher"), meta["teacher"])
+    log.info("resumed from %s at step %d", mngr.directory, latest)
+    return state, state_sh, mngr
+
+
+
+def log_start(config: Any, source: Any, mesh: jax.sharding.Mesh, workdir: str, state: dict,
+              teacher_id: dict | None, total_steps: int, steps_per_epoch: int) -> None:
+    """This start's entry in the run record (process 0) and the run's one-line summary."""
+    if jax.process_index() == 0:
         resilience.write_run_record(workdir, resilience.run_record(
-            config, source=source, mesh=mesh, teacher=meta["teacher"], start_step=start_step,
+            config, source=source, mesh=mesh, teacher=teacher_id, start_step=int(state["step"]),
             total_steps=total_steps))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state["params"]))
     log.info("student %s: %s parameters; mesh %s; %d steps (%d/epoch), global batch %d",
              config.student.model, f"{n_params:,}", dict(mesh.shape), total_steps,
              steps_per_epoch, config.batch_size)
 
+
+
+def data_and_step(source: Any, config: Any, method: Any, tx: optax.GradientTransformation,
+                  schedule: optim.Schedule, ctx: dict, state_sh: Any,
+                  start_step: int) -> tuple[Iterator[dict], Any]:
+    """(global batches from `start_step` on, `make_train_step` jitted with explicit shardings
+    and the state donated)."""
+    mesh, repl = ctx["mesh"], sharding.replicated(ctx["mesh"])
     ds = train_stream(source, config, method, start_step)
     batch_sh = {k: sharding.batch_sharding(mesh) for k in ds.element_spec}
     step_fn = jax.jit(
@@ -452,125 +610,142 @@ def run(config: mlc.ConfigDict, workdir: str, extra_actions: tuple = ()) -> dict
         out_shardings=(state_sh, repl),
         donate_argnums=(0,),
     )
+    return data.global_iterator(ds, mesh), step_fn
 
-    # ---- evaluators (config.evals): handed a Model, never called from here directly.
-    suite = evaluation.Suite(config.evals if config.eval.enabled else {},
-                             eval_env(config, method, mesh, workdir),
-                             steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    def model_of(state: dict) -> Any:
-        return eval_model(method, ctx, config, state, teacher_vars, dtype)
+def train_loop(r: Run, state: dict, extra_actions: Sequence[Action]) -> tuple[dict, bool, float]:
+    """Steps from the state's step to the end (or `stop_at_step`), each followed by the actions
+    of `loop_actions`; returns (state, preempted, training seconds). Our SIGTERM handler lives
+    exactly as long as the loop (a SIGTERM during the final export ends the process as usual)."""
+    config = r.config
+    from disco_jax import run_log  # imported by setup already; clu's progress report
 
-    # ---- the loop. Periodic work is a list of actions `(step, state) -> None`.
-    from disco_jax import run_log  # clu: TensorFlow, only once a run trains
-
-    metrics_log = run_log.MetricsLog(workdir)
-    progress = run_log.Progress(num_train_steps=total_steps, every_steps=config.log_every_steps)
-    end_step = total_steps if config.stop_at_step <= 0 else min(total_steps, config.stop_at_step)
-
-    def periodic_evals(step: int, state: dict) -> None:
-        due = suite.due(step)
-        if due:
-            with progress.timed("eval", wait_jax_async_dispatch=False):
-                records = suite.run_all(model_of(state), due)
-            metrics_log.write(step, evaluation.flat(records))
-
-    actions = [periodic_evals, *extra_actions]
-    batches = data.global_iterator(ds, mesh)
+    progress = run_log.Progress(num_train_steps=r.total_steps, every_steps=config.log_every_steps)
+    start_step = int(state["step"])
+    end_step = (r.total_steps if config.stop_at_step <= 0
+                else min(r.total_steps, config.stop_at_step))
     guard = resilience.NonFiniteGuard(config.get("nonfinite", "stop"))
-    preemption = resilience.Preemption()
-    # Tests only: "STEP:SIGNUM" sends this process a signal right after that step's update
-    # (SIGKILL: a hard kill, maybe during an async checkpoint write; SIGTERM: a preemption).
-    signal_at = os.environ.get("DISCO_JAX_TEST_SIGNAL_AT_STEP", "")
-    signal_step, _, signal_num = signal_at.partition(":")
     preempted = False
     t0 = time.time()
     log.info("compiling the train step (the first step includes it)")
-    try:
+    with contextlib.closing(resilience.Preemption()) as preemption:
+        actions = loop_actions(r, progress, guard, preemption, extra_actions)
         for step in range(start_step + 1, end_step + 1):
-            batch = next(batches)
-            state, metrics = step_fn(state, batch, teacher_vars)
+            state, metrics = r.step_fn(state, next(r.batches), r.teacher_vars)
             if step == start_step + 1:
                 jax.block_until_ready(metrics)
                 log.info("first step done in %.1f s (compile included)", time.time() - t0)
             distributed.note_step(step)  # named in the message if a peer process dies
             guard.add(step, metrics)
-            if signal_at and step == int(signal_step):
-                os.kill(os.getpid(), int(signal_num))
-            progress(step, time.time())
-            is_log = step % config.log_every_steps == 0 or step == end_step
-            # Multi-process agreement on a preemption costs a collective: only at log steps.
-            preempted = (jax.process_count() == 1 or is_log) and preemption.should_stop(step)
-            if is_log or preempted or step == end_step or mngr.should_save(step):
-                guard.check()  # before any save: a non-finite state is never checkpointed
-            if is_log:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
-                           if k != "finite"}
-                rate = progress.steps_per_sec
-                if rate is not None:
-                    scalars["steps_per_sec"] = rate
-                metrics_log.write(step, scalars)
-                eta = "" if rate is None else (
-                    f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} img/s, ETA"
-                    f" {evaluation.common.format_eta(progress.eta_seconds)}")
-                log.info("step %d/%d loss %.4f lr %.4g%s", step, total_steps, scalars["loss"],
-                         scalars["lr"], eta)
+            end = StepEnd(step=step, state=state, metrics=metrics, is_last=step == end_step,
+                          is_log=step % config.log_every_steps == 0 or step == end_step)
             for action in actions:
-                action(step, state)
-            checkpoint.save(mngr, step, state, meta, force=step == end_step or preempted)
-            if preempted:
+                action(end)
+            if end.stop:
+                preempted = True
                 break
-    finally:  # also on errors: never leave our SIGTERM handler behind
-        preemption.close()
-    checkpoint.wait(mngr)
-    train_time = time.time() - t0
+    checkpoint.wait(r.mngr)
+    return state, preempted, time.time() - t0
+
+
+def loop_actions(r: Run, progress: Any, guard: resilience.NonFiniteGuard,
+                 preemption: resilience.Preemption,
+                 extra_actions: Sequence[Action]) -> list[LoopAction]:
+    """The periodic work after each update, in this order: the extra actions (right after the
+    update: a test's SIGTERM there is this step's preemption), the progress report, the
+    preemption check, the non-finite check, the log line, the due evaluators, the checkpoint."""
+    config = r.config
+
+    def preempt(t: StepEnd) -> None:
+        # Multi-process agreement on a preemption costs a collective: only at log steps.
+        t.stop = (jax.process_count() == 1 or t.is_log) and preemption.should_stop(t.step)
+
+    def check_finite(t: StepEnd) -> None:
+        if t.is_log or t.stop or t.is_last or r.mngr.should_save(t.step):
+            guard.check()  # before any save: a non-finite state is never checkpointed
+
+    def log_line(t: StepEnd) -> None:
+        if not t.is_log:
+            return
+        scalars = {k: float(v) for k, v in jax.device_get(t.metrics).items() if k != "finite"}
+        rate = progress.steps_per_sec
+        if rate is not None:
+            scalars["steps_per_sec"] = rate
+        r.metrics_log.write(t.step, scalars)
+        eta = "" if rate is None else (
+            f" | {rate:.2f} steps/s, {rate * config.batch_size:.0f} img/s, ETA"
+            f" {evaluation.common.format_eta(progress.eta_seconds)}")
+        log.info("step %d/%d loss %.4f lr %.4g%s", t.step, r.total_steps, scalars["loss"],
+                 scalars["lr"], eta)
+
+    def periodic_evals(t: StepEnd) -> None:
+        due = r.suite.due(t.step)
+        if due:
+            with progress.timed("eval", wait_jax_async_dispatch=False):
+                records = r.suite.run_all(r.model(t.state), due)
+            r.metrics_log.write(t.step, evaluation.flat(records))
+
+    def save(t: StepEnd) -> None:
+        checkpoint.save(r.mngr, t.step, t.state, r.meta, force=t.is_last or t.stop)
+
+    def extra(action: Action) -> LoopAction:
+        return lambda t: action(t.step, t.state)
+
+    return [*map(extra, extra_actions), lambda t: progress(t.step, time.time()), preempt,
+            check_finite, log_line, periodic_evals, save]
+
+
+def finish(r: Run, state: dict, preempted: bool, train_time: float) -> dict:
+    """The results dict; at the last step also the exported encoder, the final evaluators'
+    records and results.json (process 0)."""
+    config, workdir, step = r.config, r.workdir, int(state["step"])
     if preempted:
         log.warning("preempted: checkpoint of step %d saved in %s; start the same command again"
-                    " to resume", int(state["step"]), mngr.directory)
-        metrics_log.close()
-        mngr.close()
-        return {"step": int(state["step"]), "total_steps": total_steps, "preempted": True,
+                    " to resume", step, r.mngr.directory)
+        return {"step": step, "total_steps": r.total_steps, "preempted": True,
                 "method": config.method}
-
-    # ---- the end: export the encoder and evaluate it.
-    final_step = int(state["step"])
-    results: dict[str, Any] = {"step": final_step, "total_steps": total_steps,
+    results: dict[str, Any] = {"step": step, "total_steps": r.total_steps,
                                "method": config.method, "student": config.student.model,
                                "train_seconds_this_run": round(train_time, 1)}
-    if final_step >= total_steps:
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        variables = jax.tree_util.tree_map(sharding.to_host, variables)
-        variables, manifest = method.export(config, variables)
-        seen = {"name": config.data.name, "image_size": int(config.data.image_size),
-                "train_split": config.data.train_split, "eval_split": config.data.eval_split,
-                # the input normalisation the encoder was trained with (evaluate reuses it)
-                "mean": list(config.data.mean), "std": list(config.data.std)}
-        # Every process: orbax's save synchronises them (process 0 alone would wait forever).
-        checkpoint.save_encoder(
-            os.path.join(workdir, "encoder"), variables,
-            manifest | {"source": "disco_jax", "method": config.method, "step": final_step,
-                        "data": seen},
-        )
-        names = suite.at_end()
-        if names:
-            t_eval = time.time()
-            records = suite.run_all(model_of(state), names)
-            results["eval_seconds"] = round(time.time() - t_eval, 1)
-            results["evals"] = evaluation.flat(records)
-            results.update(headline(results["evals"]))
-            metrics_log.write(final_step, results["evals"])
-            if is_main:
-                evaluation.records.write(workdir, records, {
-                    "encoder": os.path.join(workdir, "encoder"), "model": config.student.model,
-                    "data": seen, "step": final_step})
+    if step < r.total_steps:
+        return results
+    is_main = jax.process_index() == 0
+    seen = export_encoder(r, state)
+    names = r.suite.at_end()
+    if names:
+        t_eval = time.time()
+        records = r.suite.run_all(r.model(state), names)
+        results["eval_seconds"] = round(time.time() - t_eval, 1)
+        results["evals"] = evaluation.flat(records)
+        results.update(headline(results["evals"]))
+        r.metrics_log.write(step, results["evals"])
         if is_main:
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f, indent=2)
-    metrics_log.close()
-    mngr.close()
-    if is_main and final_step >= total_steps:
-        _plot_curves(workdir)
+            evaluation.records.write(workdir, records, {
+                "encoder": os.path.join(workdir, "encoder"), "model": config.student.model,
+                "data": seen, "step": step})
+    if is_main:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     return results
+
+
+def export_encoder(r: Run, state: dict) -> dict:
+    """Write WORKDIR/encoder (every process: orbax's save synchronises them, so process 0 alone
+    would wait forever); returns the data facts its manifest records."""
+    config = r.config
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    variables = jax.tree_util.tree_map(sharding.to_host, variables)
+    variables, manifest = r.method.export(config, variables)
+    seen = {"name": config.data.name, "image_size": int(config.data.image_size),
+            "train_split": config.data.train_split, "eval_split": config.data.eval_split,
+            # the input normalisation the encoder was trained with (evaluate reuses it)
+            "mean": list(config.data.mean), "std": list(config.data.std)}
+    checkpoint.save_encoder(
+        os.path.join(r.workdir, "encoder"), variables,
+        manifest | {"source": "disco_jax", "method": config.method, "step": int(state["step"]),
+                    "data": seen},
+    )
+    return seen
 
 
 def headline(flat: dict[str, float]) -> dict[str, float]:

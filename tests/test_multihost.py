@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from disco_jax import train
+from tests import signal_run
 from tests.helpers import ROOT, read_metrics
 from tests.robust_util import (
     TOTAL_STEPS,
@@ -44,16 +45,20 @@ def free_port_pair() -> int:
 
 
 def start(config_file: str, workdir: str, port: int, pid: int, *flags: str,
-          devices: int = 2, env: dict | None = None) -> subprocess.Popen:
+          devices: int = 2, signal_at: tuple[int, int] | None = None) -> subprocess.Popen:
+    """The CLI as process `pid` of 2; `signal_at=(STEP, SIGNUM)`: the process sends itself
+    SIGNUM right after step STEP's update (tests/signal_run.py)."""
     # This process's XLA flags (conftest: optimisation level 0) with another device count: the
     # per-device programs then compute as the in-process reference's do, and the runs differ
     # only in how the cross-process all-reduce sums.
     xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
     xla_flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(xla_flags), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(xla_flags)}
+    program = ([sys.executable, "-m", "disco_jax.main"] if signal_at is None
+               else signal_run.command(*signal_at))
     return subprocess.Popen(
-        [sys.executable, "-m", "disco_jax.main", f"--config={config_file}",
+        [*program, f"--config={config_file}",
          f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={pid}", *flags],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -72,10 +77,10 @@ def test_two_processes_equal_one_process(tmp_path, data_dir, teacher):
     multi = str(tmp_path / "multi")
     # A preemption notice that reaches only process 1 (after its step 3): the processes agree
     # at the next log step (4), both save and exit 0, and a restart of both finishes the run.
-    preempt = {"DISCO_JAX_TEST_SIGNAL_AT_STEP": f"3:{int(signal.SIGTERM)}"}
+    preempt = (3, int(signal.SIGTERM))
     port = free_port_pair()
     procs = [start(cfg_file, multi, port, i, "--distributed_timeout=120",
-                   env=preempt if i == 1 else None) for i in (0, 1)]
+                   signal_at=preempt if i == 1 else None) for i in (0, 1)]
     # Meanwhile, the reference in this process: 1 process x 4 devices, same global batch.
     single = str(tmp_path / "single")
     train.run(tiny_config(data_dir, teacher, **{"data.num_shards": 2}), single)
@@ -160,9 +165,9 @@ def test_a_process_that_dies_mid_run_is_named(tmp_path, data_dir, teacher, victi
                  "checkpoint_every_steps": 1000, "log_every_steps": 1000}
     cfg_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teacher, **overrides)
     port = free_port_pair()
-    kill = {"DISCO_JAX_TEST_SIGNAL_AT_STEP": "3:9"}
+    kill = (3, int(signal.SIGKILL))
     procs = [start(cfg_file, str(tmp_path / "w"), port, i, "--distributed_timeout=300",
-                   env=kill if i == victim else None) for i in (0, 1)]
+                   signal_at=kill if i == victim else None) for i in (0, 1)]
     dead, survivor = procs[victim], procs[1 - victim]
     dead.communicate(timeout=540)
     assert dead.returncode == -9

@@ -1,9 +1,9 @@
 """Preemption, hard kills, interrupted writes, topology changes and non-finite steps.
 
 Every run here is tests/robust_util.tiny_config (one compiled step, shared through the
-persistent cache with the CLI subprocesses). Kills are sent by the trainer's test-only hook
-`DISCO_JAX_TEST_SIGNAL_AT_STEP=STEP:SIGNUM`, right after that step's update: SIGKILL may land
-while an async checkpoint write is in flight; SIGTERM is the preemption notice.
+persistent cache with the CLI subprocesses). Kills are sent by an extra action of the trainer
+(tests/signal_run.py), right after that step's update: SIGKILL may land while an async
+checkpoint write is in flight; SIGTERM is the preemption notice.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from jax.sharding import PartitionSpec as P
 
 from disco_jax import checkpoint, sharding, train
 from disco_jax.errors import ConfigError
+from tests import signal_run
 from tests.helpers import read_metrics
 from tests.robust_util import (
     TOTAL_STEPS,
     assert_trees_equal,
-    cli,
     make_teacher,
     saved_state,
     tiny_config,
@@ -71,24 +71,22 @@ def tree_digest(path: str) -> dict[str, str]:
     return out
 
 
-def test_sigkill_twice_then_sigterm_resumes_bitwise(tmp_path, data_dir, teachers, straight,
-                                                     monkeypatch):
+def test_sigkill_twice_then_sigterm_resumes_bitwise(tmp_path, data_dir, teachers, straight):
     workdir = str(tmp_path / "w")
     cfg_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teachers[0])
     for step in (3, 5):  # SIGKILL: the process dies on the spot, no handler runs
-        proc = cli(cfg_file, workdir, env={"DISCO_JAX_TEST_SIGNAL_AT_STEP": f"{step}:9"})
+        proc = signal_run.cli(cfg_file, workdir, step, int(signal.SIGKILL))
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr  # the second start did continue the first
     # SIGTERM (in this process): checkpoint at the current step, return normally.
     before = max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
     assert before < 5
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setenv("DISCO_JAX_TEST_SIGNAL_AT_STEP", f"5:{int(signal.SIGTERM)}")
-    res = train.run(tiny_config(data_dir, teachers[0]), workdir)
+    res = train.run(tiny_config(data_dir, teachers[0]), workdir,
+                    extra_actions=(signal_run.signal_at(5, int(signal.SIGTERM)),))
     assert res["preempted"] and res["step"] == 5
     assert saved_state(workdir)[0] == 5
     assert signal.getsignal(signal.SIGTERM) == handler  # our handler is removed again
-    monkeypatch.delenv("DISCO_JAX_TEST_SIGNAL_AT_STEP")
     res = train.run(tiny_config(data_dir, teachers[0]), workdir)
     assert res["step"] == TOTAL_STEPS and "preempted" not in res
     # Everything that determines the future was restored: the final states are bitwise equal.
@@ -110,8 +108,7 @@ def test_sigkill_twice_then_sigterm_resumes_bitwise(tmp_path, data_dir, teachers
 
 def test_cli_sigterm_exits_0_with_a_message(tmp_path, data_dir, teachers, straight):
     cfg_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teachers[0])
-    proc = cli(cfg_file, str(tmp_path / "w"),
-               env={"DISCO_JAX_TEST_SIGNAL_AT_STEP": f"3:{int(signal.SIGTERM)}"})
+    proc = signal_run.cli(cfg_file, str(tmp_path / "w"), 3, int(signal.SIGTERM))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preempted: saved step 3" in proc.stderr
     _, b = saved_state(str(tmp_path / "w"))
