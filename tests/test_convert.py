@@ -434,6 +434,38 @@ def test_wrong_shape_is_reported(small_state):
         _convert(state)
 
 
+def test_every_problem_is_reported_once_in_one_error(tmp_path, small_state, capsys, monkeypatch):
+    state = dict(small_state)
+    del state["layer3.1.bn2.bias"]  # missing
+    state["layer9.0.conv1.weight"] = torch.zeros(1)  # unexpected
+    state["layer2.0.conv2.weight"] = torch.zeros(32, 32, 5, 5)  # wrong shape
+    state["extra.proj.weight"] = torch.zeros(1)  # unsupported (by the format added below)
+    fmt = convert.SourceFormat("torchvision names", unsupported=(("extra.*", "no extra heads"),))
+    monkeypatch.setitem(convert.FORMATS, "tv_extra", fmt)
+    with pytest.raises(ConfigError) as e:
+        _convert(state, source="tv_extra")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("tv_extra checkpoint does not match resnet18(")
+    assert "missing 1 key(s): layer3.1.bn2.bias;" in msg
+    assert "unexpected 1 key(s): layer9.0.conv1.weight;" in msg
+    assert "wrong shape for 1 key(s): layer2.0.conv2.weight (checkpoint (32, 32, 5, 5)" in msg
+    assert "no extra heads: extra.proj.weight; pass ignore 'extra.*'" in msg
+    for key in ("layer3.1.bn2.bias", "layer9.0.conv1.weight", "layer2.0.conv2.weight",
+                "extra.proj.weight"):
+        assert msg.count(key) == 1, key  # each named once, under one heading
+    # The CLI: the same problems on one `error:` line, exit status 2, nothing written.
+    path = str(tmp_path / "bad.pth")
+    torch.save(state, path)
+    out = tmp_path / "enc"
+    assert convert_main(["torchvision", "resnet18", path, str(out), "--model-kwarg",
+                         "width=0.25"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: torchvision checkpoint does not match") and "\n" not in err
+    for part in ("missing 1 key(s)", "unexpected 2 key(s)", "wrong shape for 1 key(s)"):
+        assert part in err, part
+    assert not out.exists()
+
+
 def test_long_lists_are_truncated_and_wrong_format_is_explained(small_state):
     state = {f"encoder.{k}": v for k, v in small_state.items()}
     with pytest.raises(ConfigError, match=r"and \d+ more.*no key matched at all") as e:

@@ -25,10 +25,11 @@ batch_stats) and has no Flax counterpart.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from disco_jax.errors import ConfigError
 
@@ -42,6 +43,8 @@ LEAF_TO_TORCH: dict[tuple[str, str], str] = {
     ("batch_stats", "var"): "running_var",
 }
 NUM_BATCHES_TRACKED = "num_batches_tracked"
+# Longest key list shown in one error line.
+MAX_LISTED = 8
 # torch module names that contain '_' themselves (timm's blocks and heads, MCL's and SwAV's
 # heads, lukemelas' EfficientNet, whose names all start with '_'): `torch_module` keeps them
 # whole.
@@ -100,6 +103,11 @@ class Leaf:
     dtype: Any
 
     @property
+    def key(self) -> tuple[str, ...]:
+        """The `flatten` key: ``(collection, *path)``."""
+        return (self.collection, *self.path)
+
+    @property
     def module(self) -> str:
         return "_".join(self.path[:-1])
 
@@ -134,20 +142,20 @@ def norm_torch_key(key: str) -> str:
     return f"{module.replace('.', '_')}.{leaf}"
 
 
+def flatten(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """``{(collection, *module names, leaf name): value}`` of a variables tree, in tree order;
+    `traverse_util.unflatten_dict` is its inverse."""
+    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
 def leaves(tree: Mapping[str, Any]) -> list[Leaf]:
     """The leaves of a ``{"params": ..., "batch_stats": ...}`` tree of arrays or shape structs."""
-    out: list[Leaf] = []
+    return [Leaf(k[0], k[1:], tuple(v.shape), v.dtype) for k, v in flatten(tree).items()]
 
-    def walk(collection: str, node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, Mapping):
-            for k in node:
-                walk(collection, node[k], (*path, str(k)))
-        else:
-            out.append(Leaf(collection, path, tuple(node.shape), node.dtype))
 
-    for collection in tree:
-        walk(collection, tree[collection], ())
-    return out
+def shapes(tree_leaves: list[Leaf]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{leaf.key: shape}``: two trees have the same variables iff these are equal."""
+    return {lf.key: lf.shape for lf in tree_leaves}
 
 
 def bn_modules(tree_leaves: list[Leaf]) -> list[Leaf]:
@@ -178,8 +186,8 @@ def torch_shape(leaf: Leaf) -> tuple[int, ...]:
     return to_torch_layout(np.empty(leaf.shape, dtype=np.bool_), leaf).shape
 
 
-def set_path(tree: dict, collection: str, path: tuple[str, ...], value: Any) -> None:
-    node = tree.setdefault(collection, {})
-    for name in path[:-1]:
-        node = node.setdefault(name, {})
-    node[path[-1]] = value
+def listing(items: Sequence[str]) -> str:
+    """Keys for one error line: the first `MAX_LISTED`, then how many more."""
+    shown = ", ".join(items[:MAX_LISTED])
+    more = len(items) - MAX_LISTED
+    return f"{shown}, ... and {more} more" if more > 0 else shown

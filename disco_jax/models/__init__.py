@@ -50,6 +50,7 @@ __all__ = [
     "create_head",
     "list_heads",
     "list_models",
+    "model_class",
     "model_options",
 ]
 
@@ -129,6 +130,13 @@ def list_models() -> list[str]:
 
 def list_heads() -> list[str]:
     return list(_HEADS)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The Linen module class a registered model is built from (e.g. `resnet.ResNet`)."""
+    if name not in _MODELS:
+        raise unknown_name("model", name, list_models())
+    return _MODELS[name].func
 
 
 def model_options(name: str) -> list[str]:
