@@ -21,13 +21,8 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False, kind="cosine")
-    c = config_lib.base_config("kd")
-    config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
-    c.data.name = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.student = config_lib.encoder_config("resnet18", head_hidden=0)
-    c.teacher = config_lib.encoder_config("resnet50", head_hidden=2048)
-    c.teacher.init = "runs/moco_v2_r50/encoder"
+    c = config_lib.distill_config("kd", config_lib.encoder_config("resnet18", head_hidden=0),
+                                  config_lib.moco_v2_teacher())
     c.loss.kind = args.kind
     c.loss.temp = 4.0
     c.loss.ce_weight = 0.0

@@ -26,24 +26,15 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
-    c = config_lib.base_config("seed")
-    config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
-    c.data.name = "imagenet2012"
-    c.data.eval_split = "validation"
+    student = config_lib.encoder_config("seed_efficientnet_b0", head_hidden=0)
+    student.head_input = "dropped"  # the MLP replaces fc, after the 0.2 dropout
+    teacher = config_lib.encoder_config("swav_resnet50w2", head="mlp_bn", head_hidden=8192)
+    teacher.init = "runs/swav_r50w2/encoder"
+    c = config_lib.seed_recipe(student, teacher, epochs=800)
     c.data.crop_scale = (0.14, 1.0)  # swav_aug
-    c.student = config_lib.encoder_config("seed_efficientnet_b0", head_hidden=0)
-    c.student.head_input = "dropped"  # the MLP replaces fc, after the 0.2 dropout
-    c.teacher = config_lib.encoder_config("swav_resnet50w2", head="mlp_bn", head_hidden=8192)
-    c.teacher.init = "runs/swav_r50w2/encoder"
-    c.loss.student_temp = 0.2
-    c.loss.teacher_temp = 1e-4
     c.loss.small_crops = 6
     c.loss.small_size = 96
     c.loss.small_scale = (0.05, 0.14)
-    c.queue_size = 65536
-    c.batch_size = 256
-    c.total_epochs = 800
-    c.optimizer.warmup_epochs = 5.0
     if args.smoke:
         c = config_lib.smoke(c)
         c.student.model_kwargs = {**c.student.model_kwargs, "image_size": None}

@@ -18,19 +18,7 @@ from disco_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, smoke=False)
-    c = config_lib.base_config("seed")
-    config_lib.distill_monitors(c)  # student-teacher agreement, every 10 epochs
-    c.data.name = "imagenet2012"
-    c.data.eval_split = "validation"
-    c.student = config_lib.encoder_config("resnet18", head_hidden=0)
-    c.teacher = config_lib.encoder_config("resnet50", head_hidden=2048)
-    c.teacher.init = "runs/moco_v2_r50/encoder"
-    c.loss.student_temp = 0.2
-    c.loss.teacher_temp = 1e-4
-    c.queue_size = 65536
-    c.batch_size = 256
-    c.total_epochs = 200
-    c.optimizer.warmup_epochs = 5.0
+    c = config_lib.seed_recipe(config_lib.encoder_config("resnet18", head_hidden=0))
     if args.smoke:
         c = config_lib.smoke(c)
     return c

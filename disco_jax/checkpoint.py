@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from disco_jax.errors import ConfigError
+from disco_jax.errors import ConfigError, RunError
 
 MANIFEST = "manifest.json"
 # `teacher.init` value for an untrained teacher built by the trainer (smoke tests, benchmarks);
@@ -30,15 +30,18 @@ RANDOM_INIT = "random"
 
 
 def manager(workdir: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: the leftovers of an interrupted write are removed when a run
+    # opens its workdir again (resilience.report_lost names the lost step first).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True
+        max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True,
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
     )
 
 
-class CheckpointWriteError(ConfigError):
+class CheckpointWriteError(RunError):
     """The disk filled up (or its quota ran out) while a checkpoint was being written."""
 
 

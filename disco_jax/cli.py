@@ -20,9 +20,11 @@ from typing import NoReturn
 
 from absl import flags
 
+from disco_jax.errors import EXIT_BAD_INPUT
+
 # Environment defaults of a quiet start, applied where unset (and not with DISCO_JAX_VERBOSE=1).
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-BAD_INPUT = 2  # the exit status of every bad-input error
+BAD_INPUT = EXIT_BAD_INPUT  # the exit status of every bad-input error
 
 
 def quiet_start() -> None:

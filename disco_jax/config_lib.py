@@ -1,4 +1,5 @@
-"""Shared config pieces: the base config every recipe starts from, and `:arg` parsing.
+"""Shared config pieces: the base config every recipe starts from, `:arg` parsing, and the
+shared bodies of the recipe families (`disco_recipe`, `seed_recipe`) that configs/ fill in.
 
 A config file is `configs/NAME.py` with `get_config(arg: str | None = None)`. The argument after
 the colon picks a variant (`configs/seed_mbv3.py:smoke`); `--config.x=y` overrides any field.
@@ -196,4 +197,82 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
             kw["stem"] = "cifar"
         c[net].model_kwargs = kw
         c[net].head_hidden = min(c[net].head_hidden, 64)
+    return c
+
+
+# Recipe families: the logic shared by the configs/ recipes of one method, which pass in only
+# what distinguishes them (their student, their own numbers).
+
+
+def moco_v2_teacher(model: str = "resnet50") -> mlc.ConfigDict:
+    """A MoCo-v2 teacher: `model` with MoCo-v2's 2048-wide MLP head, initialised from the
+    encoder of its `configs/moco_v2_*` workdir (resnet50 -> runs/moco_v2_r50/encoder)."""
+    teacher = encoder_config(model, head_hidden=2048)
+    teacher.init = f"runs/moco_v2_{model.replace('resnet', 'r')}/encoder"
+    return teacher
+
+
+def distill_config(method: str, student: mlc.ConfigDict,
+                   teacher: mlc.ConfigDict) -> mlc.ConfigDict:
+    """`base_config(method)` distilling `teacher` into `student` on ImageNet, with the
+    student-teacher agreement monitor."""
+    c = base_config(method)
+    distill_monitors(c)  # student-teacher agreement, every 10 epochs
+    c.data.name = "imagenet2012"
+    c.data.eval_split = "validation"
+    c.student = student
+    c.teacher = teacher
+    return c
+
+
+def disco_recipe(student: str, arg: str | None) -> mlc.ConfigDict:
+    """The DisCo recipe (Reproduction.md command) for the backbone `student`, with the variants
+    `:teacher=MODEL` (a MoCo-v2 teacher other than resnet50) and `:smoke`.
+
+    Distillation scale. Officially each of 8 GPUs computes L_g = mean_{n in g} CE_n
+    + sum_{n in g} D_n (MSELoss reduction='sum' over its B_local=32 rows; D_n = ||t_q - q||^2 +
+    ||t_k - qk||^2) and DDP averages gradients, so the objective is (1/G) sum_g L_g
+    = mean_n CE_n + (1/G) sum_n D_n = mean_n CE_n + B_local * mean_n D_n over the global batch.
+    Under jit the loss sees the whole global batch at once: with distill_reduction="sum" the term
+    is distill_weight * sum_n D_n, so distill_weight = 1/G = B_local / B_global = 1/8 reproduces
+    it (equivalently "mean" with distill_weight = B_local = 32). The invariant is
+    distill_weight * batch_size = B_local: at another global batch B with the official 32 images
+    per GPU, use distill_weight = 32 / B.
+
+    BN as on the official 8 GPUs, on any device count: `bn_group_size=32` normalises the student
+    (both forwards) and the train-mode teacher over groups of 32 images, `key_bn="shuffle"` is
+    MoCo's shuffle-BN over those groups (`bn_group_size=0`: global-batch BN; `teacher_bn="eval"`:
+    the teacher's running statistics).
+    """
+    args = parse_arg(arg, smoke=False, teacher="resnet50")
+    c = distill_config("disco", encoder_config(student, head_hidden=2048),
+                       moco_v2_teacher(args.teacher))
+    c.loss.temp = 0.2
+    c.loss.momentum = 0.999
+    c.loss.distill_reduction = "sum"
+    c.loss.distill_weight = 1.0 / 8  # = B_local / B_global of the official 8 x 32 run
+    c.loss.teacher_bn = "train"
+    c.loss.key_bn = "shuffle"
+    c.loss.bn_group_size = 32  # the official 8 GPUs x 32 images
+    c.queue_size = 65536
+    c.batch_size = 256
+    c.total_epochs = 200
+    c.optimizer.warmup_epochs = 0.0
+    if args.smoke:
+        c = smoke(c)
+        c.loss.bn_group_size = 4  # 4 BN groups of 4 images at batch 16
+    return c
+
+
+def seed_recipe(student: mlc.ConfigDict, teacher: mlc.ConfigDict | None = None, *,
+                epochs: int = 200) -> mlc.ConfigDict:
+    """The SEED recipe (official code defaults) distilling `teacher` (default: the MoCo-v2
+    ResNet-50) into `student` for `epochs`; the recipe applies its own variants (`smoke`)."""
+    c = distill_config("seed", student, moco_v2_teacher() if teacher is None else teacher)
+    c.loss.student_temp = 0.2
+    c.loss.teacher_temp = 1e-4
+    c.queue_size = 65536
+    c.batch_size = 256
+    c.total_epochs = epochs
+    c.optimizer.warmup_epochs = 5.0
     return c

@@ -38,13 +38,14 @@ import time
 
 import jax
 
-from disco_jax.errors import ConfigError
+from disco_jax.errors import EXIT_RUN_FAILED, ConfigError, RunError
 
 log = logging.getLogger("disco_jax")
 
 
-class DistributedError(ConfigError):
-    """A process never arrived or the coordinator is unreachable."""
+class DistributedError(RunError):
+    """A process never arrived or the coordinator is unreachable (exit status 4, as a peer
+    lost mid-run: the input was fine, the cluster was not)."""
 
 
 def settings(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -232,7 +233,7 @@ def _missing_message(missing: list[int], count: int | None, address: str,
 
 _progress: dict[str, int | None] = {"step": None}
 _watch: PeerWatch | None = None
-EXIT_PEER_LOST = 4
+EXIT_PEER_LOST = EXIT_RUN_FAILED
 
 
 def note_step(step: int) -> None:

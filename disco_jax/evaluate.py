@@ -269,7 +269,7 @@ def _plots(config: Any, prepared: dict) -> None:
 def main(argv: list[str]) -> None:
     del argv
     from disco_jax import cli as cli_lib
-    from disco_jax.errors import ConfigError
+    from disco_jax.errors import EXIT_RUN_FAILED, ConfigError, RunError
     from disco_jax.eval.linear import Preempted
 
     absl_logging.set_verbosity(absl_logging.INFO)
@@ -281,6 +281,9 @@ def main(argv: list[str]) -> None:
         results = evaluate(config, prepared)
     except ConfigError as e:
         cli_lib.fail(str(e))
+    except RunError as e:  # the environment failed a valid evaluation (disk full)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_RUN_FAILED)
     except Preempted as e:
         print(f"{e}; run the same command again to resume", file=sys.stderr)
         return

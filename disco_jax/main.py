@@ -129,7 +129,7 @@ def dry_run(config) -> None:
 def main(argv: list[str], extra_actions: tuple = ()) -> None:
     """The program; `extra_actions` go to `train.run` (tests/signal_run.py passes one)."""
     del argv
-    from disco_jax.errors import ConfigError
+    from disco_jax.errors import EXIT_NONFINITE, EXIT_RUN_FAILED, ConfigError, RunError
 
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(QuietLibraries())
@@ -164,10 +164,10 @@ def main(argv: list[str], extra_actions: tuple = ()) -> None:
     except ConfigError as e:
         distributed.finish(ok=False)
         cli_lib.fail(str(e))
-    except FloatingPointError as e:
+    except (FloatingPointError, RunError) as e:  # a valid run stopped: non-finite, disk, peers
         distributed.finish(ok=False)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(EXIT_NONFINITE if isinstance(e, FloatingPointError) else EXIT_RUN_FAILED)
     except KeyboardInterrupt:
         distributed.finish(ok=False)
         raise

@@ -8,8 +8,10 @@ Small pure helpers that `train.run` calls; none of them touches the training mat
   bad state is never saved and the error names the exact step and its loss terms.
 - A workdir's checkpoint remembers the config that made it; resuming with a different one is
   refused unless `force_resume`.
-- Orbax writes a checkpoint into `<step>.orbax-checkpoint-tmp-*` and renames it when complete,
-  so an interrupted write never becomes the latest; we report which step was lost.
+- Orbax writes a checkpoint into a temporary directory and renames it when complete, so an
+  interrupted write never becomes the latest; we report which step was lost (orbax's public
+  `utils.checkpoint_steps` / `utils.is_tmp_checkpoint`) and orbax removes the leftovers
+  (`cleanup_tmp_directories`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from disco_jax.errors import ConfigError
 
@@ -37,7 +40,6 @@ RESUME_FREE_KEYS = (
     "evals", "eval", "force_resume", "data.data_dir", "teacher.init", "mesh",
     "nonfinite", "variant", "force_random_teacher",
 )
-TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 # --------------------------------------------------------------------------- preemption
@@ -164,31 +166,38 @@ def check_same_config(saved: dict | None, current: dict, workdir: str, force: bo
 
 
 def scan_checkpoints(workdir: str) -> tuple[list[int], list[int]]:
-    """(complete steps, steps whose write was interrupted) under `workdir/checkpoints`."""
+    """(complete steps, steps whose write was interrupted) under `workdir/checkpoints`, as
+    orbax itself tells them apart (its finalised step directories and its temporary paths)."""
     root = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(root):
         return [], []
-    complete, partial = [], []
-    for name in os.listdir(root):
-        if name.isdigit():
-            complete.append(int(name))
-        elif TMP_MARK in name and name.split(".")[0].isdigit():
-            partial.append(int(name.split(".")[0]))
+    complete = ocp.utils.checkpoint_steps(root)
+    partial = [ocp.utils.step_from_checkpoint_name(name) for name in os.listdir(root)
+               if ocp.utils.is_tmp_checkpoint(os.path.join(root, name))]
     return sorted(complete), sorted(set(partial))
 
 
 def saved_meta(workdir: str, step: int) -> dict:
-    """The JSON meta item of a complete checkpoint, read without creating anything."""
-    path = os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")
+    """The JSON meta item of a complete checkpoint ({} if unreadable), read through a
+    read-only orbax manager: nothing is created or cleaned up."""
+    from disco_jax import checkpoint
+
+    mngr = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        return checkpoint.restore_meta(mngr, step)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a checkpoint without our meta
+        log.warning("could not read the meta item of checkpoint %d in %s: %s", step, workdir, e)
         return {}
+    finally:
+        mngr.close()
 
 
 def report_lost(workdir: str, complete: list[int], partial: list[int]) -> list[int]:
-    """Log the checkpoints whose write never finished (newer than the latest complete one)."""
+    """Log the checkpoints whose write never finished (newer than the latest complete one).
+    Their temporary directories are removed by the checkpoint manager
+    (`cleanup_tmp_directories`, `checkpoint.manager`)."""
     latest = complete[-1] if complete else 0
     lost = [s for s in partial if s > latest]
     if lost:
@@ -196,16 +205,6 @@ def report_lost(workdir: str, complete: list[int], partial: list[int]) -> list[i
                     " complete checkpoint (step %d), steps %d..%d are lost and recomputed",
                     ", ".join(map(str, lost)), workdir, latest, latest + 1, lost[-1])
     return lost
-
-
-def remove_partial(workdir: str, step: int) -> None:
-    """Delete the leftovers of an interrupted write of `step` (orbax would leave them)."""
-    import shutil
-
-    root = os.path.join(workdir, "checkpoints")
-    for name in os.listdir(root):
-        if name.startswith(f"{step}.") and TMP_MARK in name:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def is_disk_full(exc: BaseException) -> bool:

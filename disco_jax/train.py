@@ -505,8 +505,7 @@ def prepare_workdir(config: Any, workdir: str) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        for step in resilience.report_lost(workdir, complete, partial):
-            resilience.remove_partial(workdir, step)
+        resilience.report_lost(workdir, complete, partial)  # the manager removes the leftovers
     return trajectory
 
 

@@ -28,6 +28,18 @@ def load_config(spec: str, data_dir: str | None = None):
     return cfg
 
 
+def override(cfg, **dotted):
+    """Set each `a.b.c=value` in `cfg` (nested keys joined by dots; pass them as
+    `**{"loss.student_temp": 0.1}`) and return `cfg`. A misspelt key fails as ConfigDict does."""
+    for key, value in dotted.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"loss"' in line]

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from disco_jax import checkpoint, config_lib, methods, models, sharding
-from tests.helpers import ROOT, load_config, random_variables
+from tests.helpers import ROOT, load_config, override, random_variables
 
 TOTAL_STEPS = 6
 
@@ -41,13 +41,7 @@ def tiny_config(data_dir: str, teacher_dir: str, **overrides):
     c.keep_checkpoints = 10
     c.mesh.num_devices = 4
     c.eval.enabled = False
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def make_teacher(path: str, data_dir: str, nan: bool = False) -> str:

@@ -1,11 +1,13 @@
 """PyTorch checkpoint conversion: eval outputs equal torch's, exact round trips, clear errors.
 
-torchvision cannot be imported here, so the torch reference networks are written below with
+torchvision cannot be imported here, so the torch reference networks (in
+`disco_jax.bench.torch_nets`, shared with the benchmark's PyTorch peers) are written with
 torchvision's module names and structure (ResNet v1.5 BasicBlock/Bottleneck, MobileNetV3 with
 Conv2dNormActivation / SqueezeExcitation blocks); the MobileNetV3 block table is taken from
 `disco_jax.models.mobilenetv3` (it is torchvision's, and its parameter counts are checked
-against torchvision in test_models). Weights and BN running statistics are random but scaled
-so eval outputs stay O(1), which makes a 1e-4 tolerance meaningful.
+against torchvision in test_models); ``pooled(x)`` is a network's pre-logit feature,
+``forward`` its logits. Weights and BN running statistics are random but scaled so eval outputs
+stay O(1), which makes a 1e-4 tolerance meaningful.
 """
 
 from __future__ import annotations
@@ -24,172 +26,16 @@ import torch
 from torch import nn
 
 from disco_jax import checkpoint, convert, models
+from disco_jax.bench.torch_nets import BasicBlock, Bottleneck, MobileNetV3, ResNet
 from disco_jax.convert.__main__ import main as convert_main
 from disco_jax.errors import ConfigError
-from disco_jax.models import mobilenetv3
 
 # Tiny programs run once: XLA's backend optimisations cost more than they save.
 _jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
-# ---------------------------------------------------------------- torch reference networks
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, inp: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU()
-        self.downsample = _downsample(inp, planes, stride)
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inp: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5: stride here
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU()
-        self.downsample = _downsample(inp, planes * 4, stride)
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-def _downsample(inp: int, out: int, stride: int) -> nn.Module | None:
-    if stride == 1 and inp == out:
-        return None
-    return nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet plus disco_jax's ``width`` and ``stem`` options."""
-
-    def __init__(self, block, layers, num_classes=1000, width=1.0, stem="imagenet"):
-        super().__init__()
-        base = max(1, round(64 * width))
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, base, 7, 2, 3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-        else:
-            self.conv1 = nn.Conv2d(3, base, 3, 1, 1, bias=False)
-            self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(base)
-        self.relu = nn.ReLU()
-        inp = base
-        for i, n in enumerate(layers):
-            planes = base * 2**i
-            blocks = []
-            for j in range(n):
-                blocks.append(block(inp, planes, 2 if i > 0 and j == 0 else 1))
-                inp = planes * block.expansion
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inp, num_classes) if num_classes else None
-        self.feature_dim = inp
-
-    def features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
-
-
-def _cna(inp, out, k, stride=1, groups=1, act=None) -> nn.Sequential:
-    """torchvision's Conv2dNormActivation: children 0 (conv), 1 (BN), 2 (activation)."""
-    layers = [
-        nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out, eps=1e-3, momentum=0.01),
-    ]
-    return nn.Sequential(*layers, *([act()] if act else []))
-
-
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, squeeze: int):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, squeeze, 1)
-        self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.relu = nn.ReLU()
-        self.scale_activation = nn.Hardsigmoid()
-
-    def forward(self, x):
-        s = self.fc2(self.relu(self.fc1(self.avgpool(x))))
-        return self.scale_activation(s) * x
-
-
-class InvertedResidual(nn.Module):
-    def __init__(self, cfg: mobilenetv3.BlockConfig):
-        super().__init__()
-        act = nn.Hardswish if cfg.use_hs else nn.ReLU
-        layers = []
-        if cfg.expanded != cfg.in_ch:
-            layers.append(_cna(cfg.in_ch, cfg.expanded, 1, act=act))
-        layers.append(
-            _cna(cfg.expanded, cfg.expanded, cfg.kernel, cfg.stride, cfg.expanded, act=act)
-        )
-        if cfg.use_se:
-            sq = mobilenetv3.make_divisible(cfg.expanded // 4, 8)
-            layers.append(SqueezeExcitation(cfg.expanded, sq))
-        layers.append(_cna(cfg.expanded, cfg.out_ch, 1))
-        self.block = nn.Sequential(*layers)
-        self.use_res = cfg.stride == 1 and cfg.in_ch == cfg.out_ch
-
-    def forward(self, x):
-        y = self.block(x)
-        return y + x if self.use_res else y
-
-
-class MobileNetV3(nn.Module):
-    """torchvision's MobileNetV3 with its ``width_mult``."""
-
-    def __init__(self, arch: str, num_classes=1000, width=1.0):
-        super().__init__()
-        blocks, last_channel = mobilenetv3.ARCHS[arch]
-        ch = lambda c: mobilenetv3.make_divisible(c * width, 8)  # noqa: E731
-        layers = [_cna(3, ch(blocks[0].in_ch), 3, 2, act=nn.Hardswish)]
-        for b in blocks:
-            cfg = b._replace(in_ch=ch(b.in_ch), expanded=ch(b.expanded), out_ch=ch(b.out_ch))
-            layers.append(InvertedResidual(cfg))
-        last = ch(blocks[-1].out_ch)
-        layers.append(_cna(last, 6 * last, 1, act=nn.Hardswish))
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Linear(6 * last, ch(last_channel)),
-            nn.Hardswish(),
-            nn.Dropout(0.2),
-            nn.Linear(ch(last_channel), num_classes),
-        )
-
-    def pooled_features(self, x):
-        x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier[1](self.classifier[0](x))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+# ---------------------------------------------------------------- random torch weights
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -278,7 +124,7 @@ def test_resnet_matches_torch_and_round_trips(name):
     tmodel = randomize(ResNet(block, layers, nc, **kwargs), seed=1)
     x = _image((2, 3, size, size))
     with torch.no_grad():
-        t_feats, t_logits = tmodel.features(x).numpy(), tmodel(x).numpy()
+        t_feats, t_logits = tmodel.pooled(x).numpy(), tmodel(x).numpy()
     assert 0.1 < np.abs(t_logits).max() < 100  # the tolerance below is meaningful
 
     variables = convert.from_torch(tmodel.state_dict(), name, **kwargs)  # num_classes inferred
@@ -295,7 +141,7 @@ def test_mobilenet_v3_matches_torch_and_round_trips(arch):
     tmodel = randomize(MobileNetV3(arch, nc, width=0.5), seed=2)
     x = _image((2, 3, 64, 64))
     with torch.no_grad():
-        t_feats, t_logits = tmodel.pooled_features(x).numpy(), tmodel(x).numpy()
+        t_feats, t_logits = tmodel.pooled(x).numpy(), tmodel(x).numpy()
     assert 0.1 < np.abs(t_logits).max() < 100
 
     variables = convert.from_torch(tmodel.state_dict(), name, num_classes=nc, width=0.5)
@@ -327,7 +173,7 @@ def test_moco_checkpoint_to_encoder_and_cli(tmp_path, capsys):
     enc = _moco_checkpoint(path)
     x = _image((2, 3, 32, 32), seed=5)
     with torch.no_grad():
-        t_feats = enc.features(x)
+        t_feats = enc.pooled(x)
         t_embed = enc.fc(t_feats).numpy()
 
     variables = convert.from_torch(convert.load_torch_file(path), "resnet18", "moco", width=0.25)
@@ -518,7 +364,7 @@ def test_swav_checkpoint_gives_mlp_bn_teacher(tmp_path):
     torch.save({f"module.{k}": v for k, v in enc.state_dict().items()}, path)
     x = _image((2, 3, 16, 16), seed=8)
     with torch.no_grad():
-        t_feats = enc.features(x)
+        t_feats = enc.pooled(x)
         t_embed = enc.projection_head(t_feats).numpy()  # eval mode: BN1d running statistics
 
     kwargs = {"width": 0.25, "stem": "cifar"}
@@ -583,7 +429,7 @@ def test_seed_and_disco_student_checkpoints(tmp_path, fmt, hidden):
     torch.save(ckpt, path)
     x = _image((2, 3, 16, 16), seed=10)
     with torch.no_grad():
-        t_feats = enc.features(x)
+        t_feats = enc.pooled(x)
         t_embed = enc.fc(t_feats).numpy()
     kwargs = {"width": 0.25, "stem": "cifar"}
     result = convert.convert(convert.load_torch_file(path), "resnet18", fmt, **kwargs)

@@ -1,14 +1,16 @@
 """torch vs Flax equivalence and exact export round trips for the rest of the model zoo.
 
-torchvision and timm are not installed, so the torch reference networks below are written from
-their sources with their exact parameter names: torchvision EfficientNet, timm EfficientNet and
-MobileNetV3 (DepthwiseSeparableConv / InvertedResidual / SqueezeExcite blocks), SEED's own
-MobileNetV3 and EfficientNet (lukemelas/EfficientNet-PyTorch with TF 'SAME' padding, head
-'fc'; efficientnet_pytorch is not installed either), torchvision's wide ResNet and SwAV's
-widened ResNet, and MCL's CIFAR ResNets and WRNs. Small widths and 16-48 px inputs keep every
-compile short; the architecture (block types, depths, names, activations, SE placement) is the
-real one. Random weights and BN statistics,
-eval mode, features and logits within 1e-4; then export -> strict load -> re-import exactly.
+torchvision and timm are not installed, so the torch reference networks are written from their
+sources with their exact parameter names: torchvision's EfficientNet and SEED's own MobileNetV3
+and EfficientNet (lukemelas/EfficientNet-PyTorch with TF 'SAME' padding, head 'fc';
+efficientnet_pytorch is not installed either) in `disco_jax.bench.torch_nets` (shared with the
+benchmark's PyTorch peers, like the torchvision ResNet blocks), and below timm's EfficientNet
+and MobileNetV3 (DepthwiseSeparableConv / InvertedResidual / SqueezeExcite blocks),
+torchvision's wide ResNet and SwAV's widened ResNet (on torch_nets' Bottleneck), and MCL's
+CIFAR ResNets and WRNs; ``pooled(x)`` is each network's pre-logit feature. Small widths and
+16-48 px inputs keep every compile short; the architecture (block types, depths, names,
+activations, SE placement) is the real one. Random weights and BN statistics, eval mode,
+features and logits within 1e-4; then export -> strict load -> re-import exactly.
 """
 
 from __future__ import annotations
@@ -22,45 +24,20 @@ import torch
 from torch import nn
 
 from disco_jax import checkpoint, convert, models
+from disco_jax.bench.torch_nets import (
+    _B0,
+    BasicBlock,
+    Bottleneck,
+    EfficientNet,
+    LukeEfficientNet,
+    SeedMobileNetV3,
+)
 from disco_jax.errors import ConfigError
 from disco_jax.models import mobilenetv3
 from disco_jax.models.mobilenetv3 import make_divisible
-from tests.test_convert import (
-    TOL,
-    BasicBlock,
-    _assert_trees_equal,
-    _downsample,
-    _image,
-    _jit,
-    _nhwc,
-    randomize,
-)
+from tests.test_convert import TOL, _assert_trees_equal, _image, _jit, _nhwc, randomize
 
 # ---------------------------------------------------------------- torch references: ResNets
-
-
-class WideBottleneck(nn.Module):
-    """torchvision's Bottleneck with an inner width of planes * width_per_group / 64."""
-
-    expansion = 4
-
-    def __init__(self, inp: int, planes: int, stride: int, inner_mult: int = 1):
-        super().__init__()
-        inner = planes * inner_mult
-        self.conv1 = nn.Conv2d(inp, inner, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(inner)
-        self.conv2 = nn.Conv2d(inner, inner, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(inner)
-        self.conv3 = nn.Conv2d(inner, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU()
-        self.downsample = _downsample(inp, planes * 4, stride)
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNetRef(nn.Module):
@@ -84,14 +61,14 @@ class ResNetRef(nn.Module):
         self.fc_name = fc_name
         setattr(self, fc_name, nn.Linear(inp, nc))
 
-    def features(self, x):
+    def pooled(self, x):
         x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.n_stages + 1):
             x = getattr(self, f"layer{i}")(x)
         return x.mean((2, 3))
 
     def forward(self, x):
-        return getattr(self, self.fc_name)(self.features(x))
+        return getattr(self, self.fc_name)(self.pooled(x))
 
 
 class WRNBlockRef(nn.Module):
@@ -137,81 +114,12 @@ class WRNRef(nn.Module):
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.fc = nn.Linear(ch[3], nc)
 
-    def features(self, x):
+    def pooled(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
         return torch.relu(self.bn1(x)).mean((2, 3))
 
     def forward(self, x):
-        return self.fc(self.features(x))
-
-
-# ---------------------------------------------------------------- torchvision EfficientNet
-
-_B0 = [  # expand, kernel, stride, in, out, layers (torchvision's MBConvConfig for B0)
-    (1, 3, 1, 32, 16, 1),
-    (6, 3, 2, 16, 24, 2),
-    (6, 5, 2, 24, 40, 2),
-    (6, 3, 2, 40, 80, 3),
-    (6, 5, 1, 80, 112, 3),
-    (6, 5, 2, 112, 192, 4),
-    (6, 3, 1, 192, 320, 1),
-]
-
-
-def _cna(inp, out, k, stride=1, groups=1, act=None) -> nn.Sequential:
-    """Conv2dNormActivation with torch's default BN (EfficientNet-B0/B1)."""
-    conv = nn.Conv2d(inp, out, k, stride, (k - 1) // 2, groups=groups, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(out), *([act()] if act else []))
-
-
-class TvSE(nn.Module):
-    def __init__(self, ch, sq, act, gate):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1, self.fc2 = nn.Conv2d(ch, sq, 1), nn.Conv2d(sq, ch, 1)
-        self.activation, self.scale_activation = act(), gate()
-
-    def forward(self, x):
-        return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-
-
-class MBConv(nn.Module):
-    def __init__(self, expand, k, stride, inp, out):
-        super().__init__()
-        mid = make_divisible(inp * expand)
-        layers = [_cna(inp, mid, 1, act=nn.SiLU)] if mid != inp else []
-        layers += [
-            _cna(mid, mid, k, stride, mid, act=nn.SiLU),
-            TvSE(mid, max(1, inp // 4), nn.SiLU, nn.Sigmoid),
-            _cna(mid, out, 1),
-        ]
-        self.block = nn.Sequential(*layers)
-        self.res = stride == 1 and inp == out
-
-    def forward(self, x):
-        return self.block(x) + x if self.res else self.block(x)
-
-
-class TvEfficientNet(nn.Module):
-    def __init__(self, depth_mult, nc, width):
-        super().__init__()
-        ch = lambda c: make_divisible(c * width)  # noqa: E731
-        feats = [_cna(3, ch(32), 3, 2, act=nn.SiLU)]
-        for e, k, s, i, o, n in _B0:
-            stage = []
-            for j in range(int(math.ceil(n * depth_mult))):
-                stage.append(MBConv(e, k, s if j == 0 else 1, ch(i) if j == 0 else ch(o), ch(o)))
-            feats.append(nn.Sequential(*stage))
-        feats.append(_cna(ch(320), 4 * ch(320), 1, act=nn.SiLU))
-        self.features = nn.Sequential(*feats)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * ch(320), nc))
-
-    def pooled_features(self, x):
-        return torch.flatten(self.avgpool(self.features(x)), 1)
-
-    def forward(self, x):
-        return self.classifier(self.pooled_features(x))
+        return self.fc(self.pooled(x))
 
 
 # ---------------------------------------------------------------- timm EfficientNet/MobileNetV3
@@ -286,12 +194,12 @@ class TimmEfficientNetRef(nn.Module):
         self.bn2 = nn.BatchNorm2d(ch(1280))
         self.classifier = nn.Linear(ch(1280), nc)
 
-    def pooled_features(self, x):
+    def pooled(self, x):
         x = self.blocks(nn.functional.silu(self.bn1(self.conv_stem(x))))
         return nn.functional.silu(self.bn2(self.conv_head(x))).mean((2, 3))
 
     def forward(self, x):
-        return self.classifier(self.pooled_features(x))
+        return self.classifier(self.pooled(x))
 
 
 _SILU = (nn.SiLU, nn.SiLU, nn.Sigmoid)
@@ -337,183 +245,20 @@ class TimmMobileNetV3Ref(nn.Module):
         self.conv_head = nn.Conv2d(6 * inp, ch(head), 1)  # with bias, no BN
         self.classifier = nn.Linear(ch(head), nc)
 
-    def pooled_features(self, x):
+    def pooled(self, x):
         x = self.blocks(nn.functional.hardswish(self.bn1(self.conv_stem(x))))
         return torch.flatten(nn.functional.hardswish(self.conv_head(x.mean((2, 3), True))), 1)
 
     def forward(self, x):
-        return self.classifier(self.pooled_features(x))
-
-
-# ---------------------------------------------------------------- SEED's MobileNetV3
-
-
-class SELayer(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        rd = make_divisible(c // 4)
-        self.fc = nn.Sequential(nn.Linear(c, rd), nn.ReLU(), nn.Linear(rd, c), nn.Hardsigmoid())
-
-    def forward(self, x):
-        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
-
-
-class SeedIR(nn.Module):
-    def __init__(self, inp, hidden, oup, k, s, use_se, use_hs):
-        super().__init__()
-        self.identity = s == 1 and inp == oup
-        act = nn.Hardswish if use_hs else nn.ReLU
-        se = SELayer(hidden) if use_se else nn.Identity()
-        dw = nn.Conv2d(hidden, hidden, k, s, (k - 1) // 2, groups=hidden, bias=False)
-        if inp == hidden:
-            self.conv = nn.Sequential(
-                dw, nn.BatchNorm2d(hidden), act(), se,
-                nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
-            )  # fmt: skip
-        else:
-            self.conv = nn.Sequential(
-                nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act(),
-                dw, nn.BatchNorm2d(hidden), se, act(),
-                nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
-            )  # fmt: skip
-
-    def forward(self, x):
-        return x + self.conv(x) if self.identity else self.conv(x)
-
-
-class SeedMobileNetV3Ref(nn.Module):
-    def __init__(self, arch, nc, width):
-        super().__init__()
-        cfgs, head = mobilenetv3.ARCHS[arch]
-        ch = lambda c: make_divisible(c * width)  # noqa: E731
-        layers = [
-            nn.Sequential(
-                nn.Conv2d(3, ch(16), 3, 2, 1, bias=False), nn.BatchNorm2d(ch(16)), nn.Hardswish()
-            )
-        ]
-        for c in cfgs:
-            layers.append(
-                SeedIR(ch(c.in_ch), ch(c.expanded), ch(c.out_ch), c.kernel, c.stride, c.use_se,
-                       c.use_hs)
-            )  # fmt: skip
-        self.features = nn.Sequential(*layers)
-        last = ch(cfgs[-1].expanded)
-        self.conv = nn.Sequential(
-            nn.Conv2d(ch(cfgs[-1].out_ch), last, 1, bias=False), nn.BatchNorm2d(last),
-            nn.Hardswish(),
-        )  # fmt: skip
-        self.classifier = nn.Sequential(nn.Linear(last, ch(head)), nn.Hardswish(), nn.Dropout(0.2))
-        self.fc = nn.Linear(ch(head), nc)
-
-    def pooled_features(self, x):
-        return self.classifier(self.conv(self.features(x)).mean((2, 3)))
-
-    def forward(self, x):
-        return self.fc(self.pooled_features(x))
-
-
-# ---------------------------------------------------------------- SEED's (lukemelas') EfficientNet
-
-
-def _round_filters(filters: int, width: float) -> int:
-    """lukemelas' ``round_filters`` (depth_divisor 8, min_depth None)."""
-    filters *= width
-    new = max(8, int(filters + 8 / 2) // 8 * 8)
-    return int(new + 8 if new < 0.9 * filters else new)
-
-
-def _shrink(size, stride):  # lukemelas' calculate_output_image_size
-    return None if size is None else int(math.ceil(size / stride))
-
-
-class SamePadConv2d(nn.Conv2d):
-    """lukemelas' Conv2dStaticSamePadding (``image_size`` given: the pads are computed once for
-    that size) or Conv2dDynamicSamePadding (None: computed from each input)."""
-
-    def __init__(self, inp, out, k, stride=1, groups=1, bias=False, image_size=None):
-        super().__init__(inp, out, k, stride, 0, groups=groups, bias=bias)
-        self.image_size = image_size
-
-    def forward(self, x):
-        ih, iw = x.shape[-2:] if self.image_size is None else (self.image_size,) * 2
-        (kh, kw), (sh, sw) = self.weight.shape[-2:], self.stride
-        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return super().forward(x)
-
-
-def _luke_bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, momentum=0.01, eps=1e-3)
-
-
-class LukeMBConv(nn.Module):
-    """lukemelas' MBConvBlock (se_ratio 0.25, id_skip), children in its registration order."""
-
-    def __init__(self, expand, k, stride, inp, out, image_size):
-        super().__init__()
-        mid = inp * expand
-        self.expand = expand
-        if expand != 1:
-            self._expand_conv = SamePadConv2d(inp, mid, 1, image_size=image_size)
-            self._bn0 = _luke_bn(mid)
-        self._depthwise_conv = SamePadConv2d(mid, mid, k, stride, mid, image_size=image_size)
-        self._bn1 = _luke_bn(mid)
-        sq = max(1, int(inp * 0.25))
-        self._se_reduce = SamePadConv2d(mid, sq, 1, bias=True, image_size=1)
-        self._se_expand = SamePadConv2d(sq, mid, 1, bias=True, image_size=1)
-        self._project_conv = SamePadConv2d(mid, out, 1, image_size=_shrink(image_size, stride))
-        self._bn2 = _luke_bn(out)
-        self.skip = stride == 1 and inp == out
-
-    def forward(self, x):
-        silu = nn.functional.silu
-        y = silu(self._bn0(self._expand_conv(x))) if self.expand != 1 else x
-        y = silu(self._bn1(self._depthwise_conv(y)))
-        s = self._se_expand(silu(self._se_reduce(nn.functional.adaptive_avg_pool2d(y, 1))))
-        y = self._bn2(self._project_conv(torch.sigmoid(s) * y))
-        return y + x if self.skip else y
-
-
-class LukeEfficientNetRef(nn.Module):
-    """lukemelas' EfficientNet as SEED builds it (``from_name``: static padding for the
-    model's resolution) with SEED's ``fc``; ``width`` is lukemelas' width_coefficient."""
-
-    def __init__(self, depth_mult, nc, width, image_size):
-        super().__init__()
-        rf = lambda c: _round_filters(c, width)  # noqa: E731
-        self._conv_stem = SamePadConv2d(3, rf(32), 3, 2, image_size=image_size)
-        self._bn0 = _luke_bn(rf(32))
-        size, blocks = _shrink(image_size, 2), []
-        for e, k, s, i, o, n in _B0:
-            for j in range(int(math.ceil(depth_mult * n))):  # round_repeats
-                stride = s if j == 0 else 1
-                blocks.append(LukeMBConv(e, k, stride, rf(i if j == 0 else o), rf(o), size))
-                size = _shrink(size, stride)
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SamePadConv2d(rf(320), rf(1280), 1, image_size=size)
-        self._bn1 = _luke_bn(rf(1280))
-        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
-        self._dropout = nn.Dropout(0.2)
-        self.fc = nn.Linear(rf(1280), nc)
-
-    def pooled_features(self, x):
-        x = nn.functional.silu(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = nn.functional.silu(self._bn1(self._conv_head(x)))
-        return self._avg_pooling(x).flatten(1)
-
-    def forward(self, x):
-        return self.fc(self._dropout(self.pooled_features(x)))
+        return self.classifier(self.pooled(x))
 
 
 # ---------------------------------------------------------------- the cases
 
 # name: (torch reference builder, model kwargs, num_classes, image size)
 CASES = {
-    "efficientnet_b0": (lambda: TvEfficientNet(1.0, 5, 0.25), {"width": 0.25}, 5, 32),
-    "efficientnet_b1": (lambda: TvEfficientNet(1.1, 5, 0.25), {"width": 0.25}, 5, 32),
+    "efficientnet_b0": (lambda: EfficientNet(1.0, 5, 0.25), {"width": 0.25}, 5, 32),
+    "efficientnet_b1": (lambda: EfficientNet(1.1, 5, 0.25), {"width": 0.25}, 5, 32),
     "timm_efficientnet_b0": (lambda: TimmEfficientNetRef(1.0, 5, 0.25), {"width": 0.25}, 5, 32),
     "timm_efficientnet_b1": (lambda: TimmEfficientNetRef(1.1, 5, 0.25), {"width": 0.25}, 5, 32),
     "mobilenetv3_large_100": (
@@ -529,26 +274,26 @@ CASES = {
         32,
     ),
     "seed_mobilenetv3_large": (
-        lambda: SeedMobileNetV3Ref("large", 5, 0.25),
+        lambda: SeedMobileNetV3("large", 5, 0.25),
         {"width": 0.25},
         5,
         32,
     ),
     "seed_mobilenetv3_small": (
-        lambda: SeedMobileNetV3Ref("small", 5, 0.25),
+        lambda: SeedMobileNetV3("small", 5, 0.25),
         {"width": 0.25},
         5,
         32,
     ),
     "wide_resnet50_2": (
-        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 8, "cifar", inner_mult=2),
+        lambda: ResNetRef(Bottleneck, (3, 4, 6, 3), 5, 8, "cifar", base_width=128),
         {"width": 0.125, "stem": "cifar"},
         5,
         16,
     ),
     # SwAV's widening (x2) on top of disco_jax's width 1/16: stem 8 channels, planes x2.
     "swav_resnet50w2": (
-        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 8, "imagenet"),
+        lambda: ResNetRef(Bottleneck, (3, 4, 6, 3), 5, 8, "imagenet"),
         {"width": 0.0625},
         5,
         32,
@@ -560,7 +305,7 @@ CASES = {
         16,
     ),
     "resnet110": (
-        lambda: ResNetRef(WideBottleneck, (12, 12, 12), 7, 8, "cifar", "classifier"),
+        lambda: ResNetRef(Bottleneck, (12, 12, 12), 7, 8, "cifar", "classifier"),
         {"width": 0.5},
         7,
         16,
@@ -582,26 +327,26 @@ CASES = {
         16,
     ),
     "resnet101": (
-        lambda: ResNetRef(WideBottleneck, (3, 4, 23, 3), 5, 8, "cifar"),
+        lambda: ResNetRef(Bottleneck, (3, 4, 23, 3), 5, 8, "cifar"),
         {"width": 0.125, "stem": "cifar"},
         5,
         16,
     ),
     "resnet152": (
-        lambda: ResNetRef(WideBottleneck, (3, 8, 36, 3), 5, 8, "cifar"),
+        lambda: ResNetRef(Bottleneck, (3, 8, 36, 3), 5, 8, "cifar"),
         {"width": 0.125, "stem": "cifar"},
         5,
         16,
     ),
     # SwAV x4 / x5 on width 1/16: stem 16 / 20 channels.
     "swav_resnet50w4": (
-        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 16, "imagenet"),
+        lambda: ResNetRef(Bottleneck, (3, 4, 6, 3), 5, 16, "imagenet"),
         {"width": 0.0625},
         5,
         32,
     ),
     "swav_resnet50w5": (
-        lambda: ResNetRef(WideBottleneck, (3, 4, 6, 3), 5, 20, "imagenet"),
+        lambda: ResNetRef(Bottleneck, (3, 4, 6, 3), 5, 20, "imagenet"),
         {"width": 0.0625},
         5,
         32,
@@ -641,14 +386,6 @@ def _assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=TOL["rtol"], atol=TOL["atol"] * scale)
 
 
-def _features(tmodel, x):
-    for attr in ("pooled_features", "features"):
-        fn = getattr(tmodel, attr, None)
-        if callable(fn) and not isinstance(fn, nn.Module):
-            return fn(x)
-    raise AssertionError(type(tmodel))
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_zoo_matches_torch_and_round_trips(name):
     source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
@@ -659,7 +396,7 @@ def _matches_torch_and_round_trips(name, build, kwargs, nc, size, seed, source, 
     tmodel = calibrate(randomize(build(), seed), seed, calib_size)
     x = _image((2, 3, size, size), seed=1)
     with torch.no_grad():
-        t_feats, t_logits = _features(tmodel, x).numpy(), tmodel(x).numpy()
+        t_feats, t_logits = tmodel.pooled(x).numpy(), tmodel(x).numpy()
     # The 1e-4 tolerance is meaningful: O(1) outputs that depend on the input.
     assert 0.1 < np.abs(t_logits).max() < 100
     assert np.abs(t_feats[0] - t_feats[1]).max() > 0.05
@@ -690,11 +427,11 @@ def _matches_torch_and_round_trips(name, build, kwargs, nc, size, seed, source, 
 # (2, 2)); at 32 px B1's sees 2 px (padded (2, 2) as at 15 px, TF 'SAME' (1, 2)). Dynamic
 # padding (image_size=None) at 34 px pads the stem (0, 1) and the later odd maps (1, 1) / (2, 2).
 SEED_EFFICIENTNET_CASES = {
-    "b0": ("seed_efficientnet_b0", lambda: LukeEfficientNetRef(1.0, 5, 0.25, 224), {}, 48, 40),
-    "b1": ("seed_efficientnet_b1", lambda: LukeEfficientNetRef(1.1, 5, 0.25, 240), {}, 32, 41),
+    "b0": ("seed_efficientnet_b0", lambda: LukeEfficientNet(1.0, 5, 0.25, 224), {}, 48, 40),
+    "b1": ("seed_efficientnet_b1", lambda: LukeEfficientNet(1.1, 5, 0.25, 240), {}, 32, 41),
     "b0-dynamic": (
         "seed_efficientnet_b0",
-        lambda: LukeEfficientNetRef(1.0, 5, 0.25, None),
+        lambda: LukeEfficientNet(1.0, 5, 0.25, None),
         {"image_size": None},
         34,
         42,
@@ -715,7 +452,7 @@ def test_seed_efficientnet_param_counts_are_lukemelas():
     from tests.test_models_zoo import ZOO
 
     for name, depth in (("seed_efficientnet_b0", 1.0), ("seed_efficientnet_b1", 1.1)):
-        ref = LukeEfficientNetRef(depth, 1000, 1.0, None)
+        ref = LukeEfficientNet(depth, 1000, 1.0, None)
         assert sum(p.numel() for p in ref.parameters()) == ZOO[name][0], name
 
 
@@ -724,7 +461,7 @@ def test_seed_efficientnet_student_checkpoint(tmp_path, capsys):
     and the queue) converts via the 'seed' format, by API and by CLI, and exports back."""
     from disco_jax.convert.__main__ import main as convert_main
 
-    student = LukeEfficientNetRef(1.0, 5, 0.25, 224)
+    student = LukeEfficientNet(1.0, 5, 0.25, 224)
     d = student.fc.in_features
     student.fc = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 16))  # SEED's mlp=True
     student = calibrate(randomize(student, seed=43), seed=43)
@@ -735,7 +472,7 @@ def test_seed_efficientnet_student_checkpoint(tmp_path, capsys):
     torch.save({"epoch": 200, "arch": "efficientnet_b0", "state_dict": state}, path)
     x = _image((2, 3, 32, 32), seed=44)
     with torch.no_grad():
-        t_feats = student.pooled_features(x).numpy()
+        t_feats = student.pooled(x).numpy()
         t_embed = student(x).numpy()
 
     name, kwargs = "seed_efficientnet_b0", {"width": 0.25}
@@ -792,7 +529,7 @@ def test_disco_student_with_timm_classifier_head(tmp_path):
     torch.save({"epoch": 200, "state_dict": state}, path)
     x = _image((2, 3, 32, 32), seed=21)
     with torch.no_grad():
-        t_feats = student.pooled_features(x).numpy()
+        t_feats = student.pooled(x).numpy()
         t_embed = student(x).numpy()
 
     kwargs = {"width": 0.25}

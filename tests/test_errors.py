@@ -11,7 +11,7 @@ import pytest
 
 from disco_jax import train
 from disco_jax.errors import ConfigError
-from tests.helpers import ROOT, load_config
+from tests.helpers import ROOT, load_config, override
 
 
 @pytest.fixture
@@ -19,14 +19,6 @@ def cfg(data_dir, tmp_path):
     c = load_config("seed_mbv3.py:smoke", data_dir)
     c.teacher.init = str(tmp_path / "no_such_teacher")
     return c
-
-
-def _set(cfg, key, value):
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
 
 
 @pytest.mark.parametrize(
@@ -54,7 +46,7 @@ def _set(cfg, key, value):
     ],
 )
 def test_bad_input_gives_one_clear_error(cfg, tmp_path, key, value, message):
-    _set(cfg, key, value)
+    override(cfg, **{key: value})
     workdir = tmp_path / "w"
     with pytest.raises(ConfigError, match=message) as info:
         train.run(cfg, str(workdir))
@@ -190,15 +182,14 @@ def test_teacher_path_that_is_not_a_checkpoint(tmp_path, data_dir):
 
 def test_workdir_of_a_different_config_is_refused(tmp_path, data_dir, good_teacher):
     """A checkpoint remembers its config; resuming with other settings needs force_resume."""
-    import json
-
-    from disco_jax import resilience
+    from disco_jax import checkpoint, resilience
 
     workdir = tmp_path / "w"
-    meta = workdir / "checkpoints" / "2" / "meta"
-    meta.mkdir(parents=True)
     saved = resilience.trajectory_config(_tiny(data_dir, good_teacher))
-    (meta / "metadata").write_text(json.dumps({"config": saved}))
+    mngr = checkpoint.manager(str(workdir), keep=1, every_steps=1)  # a checkpoint of step 2
+    checkpoint.save(mngr, 2, {"step": np.zeros((), np.int32)}, {"config": saved}, force=True)
+    checkpoint.wait(mngr)
+    mngr.close()
     (workdir / "config.json").write_text("{}")
     cfg = _tiny(data_dir, good_teacher, **{"optimizer.base_lr": 0.1, "log_every_steps": 1})
     _fails_untouched(cfg, workdir, r"different config \(optimizer.base_lr: 0.03 -> 0.1\).*"

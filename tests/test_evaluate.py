@@ -13,7 +13,7 @@ import pytest
 from disco_jax import evaluate, train
 from disco_jax import main as _train_cli  # noqa: F401 -- both CLIs import in one process
 from disco_jax.errors import ConfigError
-from tests.helpers import ROOT, load_config
+from tests.helpers import ROOT, load_config, override
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +103,7 @@ def _bad(config_spec, data_dir, encoder, out, teacher=None, **fields):
     config = load_config(config_spec)
     with config.unlocked():
         config.data.data_dir = data_dir
-        for key, value in fields.items():
-            node = config
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        override(config, **fields)
     listing = lambda: sorted(os.walk(out)) if out else None  # noqa: E731
     before = listing()
     with pytest.raises(ConfigError) as e:

@@ -23,6 +23,7 @@ from disco_jax.models import layers
 from tests.helpers import (
     group_permutation,
     load_config,
+    override,
     permute_batches,
     read_metrics,
 )
@@ -35,13 +36,7 @@ def smoke_config(spec, data_dir, **overrides):
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
     cfg.eval.enabled = False
-    for key, value in overrides.items():
-        node, *rest = key.split(".")
-        if rest:
-            cfg[node][rest[0]] = value
-        else:
-            cfg[key] = value
-    return cfg
+    return override(cfg, **overrides)
 
 
 def run(cfg, workdir):

@@ -20,10 +20,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import flags
 from jax.sharding import PartitionSpec as P
 
-from disco_jax import checkpoint, sharding, train
-from disco_jax.errors import ConfigError
+from disco_jax import checkpoint, main, sharding, train
+from disco_jax.errors import EXIT_RUN_FAILED, ConfigError, RunError
 from tests import signal_run
 from tests.helpers import read_metrics
 from tests.robust_util import (
@@ -179,7 +180,7 @@ def test_nonfinite_skip_keeps_the_state(tmp_path, data_dir, teachers, straight, 
 
 
 def test_disk_full_while_checkpointing_is_one_line(tmp_path, data_dir, teachers, straight,
-                                                   monkeypatch):
+                                                   monkeypatch, capsys):
     workdir = copy_upto(straight, str(tmp_path / "w"), 2)
     before = tree_digest(os.path.join(workdir, "checkpoints"))
 
@@ -189,10 +190,23 @@ def test_disk_full_while_checkpointing_is_one_line(tmp_path, data_dir, teachers,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-    with pytest.raises(ConfigError, match=r"no space left on device .*step 4.*resumes from step 2"
+    with pytest.raises(RunError, match=r"no space left on device .*step 4.*resumes from step 2"
                        ) as info:
         train.run(tiny_config(data_dir, teachers[0]), workdir)
     assert "\n" not in str(info.value)
+    assert not isinstance(info.value, ConfigError)  # the environment failed, not the input
+    assert tree_digest(os.path.join(workdir, "checkpoints")) == before
+    # The program: the same one line, and exit status 4 (a failed run), not 2 (bad input).
+    config_file = write_config_file(str(tmp_path / "cfg.py"), data_dir, teachers[0])
+    try:
+        flags.FLAGS(["disco_jax.main", f"--config={config_file}", f"--workdir={workdir}"])
+        with pytest.raises(SystemExit) as exit_info:
+            main.main([])
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert exit_info.value.code == EXIT_RUN_FAILED == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no space left on device while writing the checkpoint")
     assert tree_digest(os.path.join(workdir, "checkpoints")) == before
 
 

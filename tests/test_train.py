@@ -15,7 +15,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from disco_jax import checkpoint, config_lib, data, methods, train
-from tests.helpers import group_permutation, load_config, permute_batches, read_metrics
+from tests.helpers import (
+    group_permutation,
+    load_config,
+    override,
+    permute_batches,
+    read_metrics,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,13 +42,7 @@ def seed_config(data_dir, **overrides):
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
     cfg.eval.enabled = False
-    for k, v in overrides.items():
-        node, *rest = k.split(".")
-        if rest:
-            cfg[node][rest[0]] = v
-        else:
-            cfg[k] = v
-    return cfg
+    return override(cfg, **overrides)
 
 
 def final_state(workdir):

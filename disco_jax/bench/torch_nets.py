@@ -8,7 +8,10 @@ written for the converter tests (tests/test_convert.py, tests/test_convert_zoo.p
 checked against the Flax models); here each backbone also builds without its classifier
 (``num_classes=0``) and exposes ``pooled(x)`` (the pre-logit feature, what our ``features``
 is), ``dropout`` (the classifier dropout the feature goes through before the classifier, an
-``nn.Identity`` for ResNets) and ``classify(feats)``.
+``nn.Identity`` for ResNets) and ``classify(feats)``; ``forward(x)`` is the reference network's
+own, ``classify(pooled(x))`` (the logits, or the output of whatever replaced the classifier, as
+MoCo/SEED put their MLP in ``fc``). The converter tests import them from here, so each network
+has one definition.
 
 ``TorchEncoder`` is our ``models.Encoder``: backbone + projection head, the head registered on
 the backbone under its to_torch name (``fc.0``/``fc.2`` for ``mlp``, ``proj_head.0/2`` for
@@ -61,15 +64,19 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (v1.5); ``base_width``: its ``width_per_group`` (128 for the
+    wide ResNets: inner width ``planes * base_width / 64``)."""
+
     expansion = 4
 
-    def __init__(self, inp: int, planes: int, stride: int):
+    def __init__(self, inp: int, planes: int, stride: int, base_width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inp, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5: stride here
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        inner = int(planes * (base_width / 64.0))
+        self.conv1 = nn.Conv2d(inp, inner, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 3, stride, 1, bias=False)  # v1.5: stride here
+        self.bn2 = nn.BatchNorm2d(inner)
+        self.conv3 = nn.Conv2d(inner, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(inp, planes * 4, stride)
@@ -119,6 +126,9 @@ class ResNet(nn.Module):
 
     def classify(self, feats):
         return self.fc(feats)
+
+    def forward(self, x):
+        return self.classify(self.pooled(x))
 
 
 # ---------------------------------------------------------------- torchvision MobileNetV3
@@ -198,6 +208,9 @@ class MobileNetV3(nn.Module):
     def classify(self, feats):
         return self.classifier[3](self.classifier[2](feats))
 
+    def forward(self, x):
+        return self.classify(self.pooled(x))
+
 
 # ---------------------------------------------------------------- torchvision EfficientNet
 
@@ -261,6 +274,9 @@ class EfficientNet(nn.Module):
 
     def classify(self, feats):
         return self.classifier(feats)
+
+    def forward(self, x):
+        return self.classify(self.pooled(x))
 
 
 # ---------------------------------------------------------------- SEED's MobileNetV3
@@ -335,6 +351,9 @@ class SeedMobileNetV3(nn.Module):
 
     def classify(self, feats):
         return self.fc(self.dropout(feats))
+
+    def forward(self, x):
+        return self.classify(self.pooled(x))
 
 
 # ---------------------------------------------------------------- SEED's (lukemelas') EfficientNet
@@ -434,6 +453,9 @@ class LukeEfficientNet(nn.Module):
 
     def classify(self, feats):
         return self.fc(self._dropout(feats))
+
+    def forward(self, x):
+        return self.classify(self.pooled(x))
 
 
 # ---------------------------------------------------------------- registry

@@ -13,7 +13,7 @@ Options (`config.loss`):
 - `teacher_bn`: "train" (official: `model.train()` leaves the teacher on batch statistics, per
   BN group; they are not stored) or "eval" (running statistics).
 - `key_bn`: "shuffle" (official MoCo shuffle-BN, `common.key_forward`) or "global".
-- `distill_reduction` "sum" (official) or "mean", and `distill_weight`: see configs/disco_effb0.py
+- `distill_reduction` "sum" (official) or "mean", and `distill_weight`: see config_lib.disco_recipe
   for how to reproduce the official per-GPU sum on a global batch.
 """
 
@@ -43,7 +43,7 @@ LOSS_DEFAULTS = {
     "temp": 0.2,
     "momentum": 0.999,
     # The official loss is a per-GPU sum; averaged over 8 GPUs it is 1/8 of our global-batch
-    # sum at 8 x 32 (see configs/disco_effb0.py).
+    # sum at 8 x 32 (see config_lib.disco_recipe).
     "distill_weight": 1.0 / 8,
     "distill_reduction": "sum",
     "teacher_bn": "train",
