@@ -66,27 +66,3 @@ def group_permutation(cfg, seed: int = 0) -> np.ndarray:
     n, size = cfg.batch_size, cfg.loss.bn_group_size or cfg.batch_size
     rng = np.random.default_rng(seed)
     return np.concatenate([g * size + rng.permutation(size) for g in range(n // size)])
-
-
-def permuted_stream(stream, perm: np.ndarray):
-    """`train.train_stream` with every batch's rows reordered by `perm` (all views alike)."""
-    import tensorflow as tf
-
-    def train_stream(*args, **kwargs):
-        return stream(*args, **kwargs).map(
-            lambda b: {key: tf.gather(v, perm) for key, v in b.items()})
-
-    return train_stream
-
-
-def permute_batches(monkeypatch, perm: np.ndarray) -> None:
-    """Until monkeypatch.undo(): every training batch reordered by `perm` (a
-    `group_permutation`), and shuffle-BN's own permutation composed with perm^-1 so the key
-    encoder sees the same images in the same groups as an unpermuted run. Augmentation must be
-    off in such a run: its keys follow the row position."""
-    from disco_jax import train
-    from disco_jax.methods import common
-
-    shuffle, inverse = common.shuffle_permutation, jnp.asarray(np.argsort(perm))
-    monkeypatch.setattr(train, "train_stream", permuted_stream(train.train_stream, perm))
-    monkeypatch.setattr(common, "shuffle_permutation", lambda rng, n: inverse[shuffle(rng, n)])

@@ -35,6 +35,7 @@ class Stepper:
     step_fn: Any
     teacher_vars: Any
     batch_sh: dict
+    first: Any  # the initial state, on the host
 
     def batch(self, seed: int) -> dict[str, np.ndarray]:
         return synthetic_batch(self.config, self.method, seed)
@@ -72,9 +73,11 @@ def synthetic_batch(config: Any, method: Any, seed: int) -> dict[str, np.ndarray
     return batch
 
 
-def build(config: Any, devices: int) -> Stepper:
+def build(config: Any, devices: int, first: Any = None) -> Stepper:
     """`config` (a resolved recipe, with `teacher.init="random"` where it has a teacher) built on
-    `devices` devices, as `train.run`'s setup builds it."""
+    `devices` devices, as `train.run`'s setup builds it. `first`: the initial state on the host
+    (another build's `first`), instead of compiling the init here; runs on several device counts
+    then start from the very same state."""
     config = methods.resolve_loss(config)
     config.mesh.num_devices = devices
     method = methods.get(config.method)
@@ -99,8 +102,9 @@ def build(config: Any, devices: int) -> Stepper:
     step_fn = jax.jit(train.make_train_step(method, tx, schedule, ctx),
                       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                       donate_argnums=(0,))
-    first = jax.tree_util.tree_map(  # on the host: each run starts from a copy (donation)
-        sharding.to_host, jit_util.run_once(init_state, rng, host, out_shardings=state_sh))
-    return Stepper(config=config, method=method, mesh=mesh, ctx=ctx,
+    if first is None:  # on the host: each run starts from a copy (donation)
+        first = jax.tree_util.tree_map(
+            sharding.to_host, jit_util.run_once(init_state, rng, host, out_shardings=state_sh))
+    return Stepper(config=config, method=method, mesh=mesh, ctx=ctx, first=first,
                    init=lambda: jax.device_put(first, state_sh),
                    step_fn=step_fn, teacher_vars=teacher_vars, batch_sh=batch_sh)

@@ -79,6 +79,7 @@ def fake_peers(calls: list) -> types.ModuleType:
     return module
 
 
+@pytest.mark.slow
 def test_smoke_case_in_process_with_fake_peers(tmp_path, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setitem(sys.modules, "disco_jax.bench.peers", fake_peers(calls))
@@ -126,6 +127,7 @@ sys.modules["tensorflow_datasets"] = None
 """
 
 
+@pytest.mark.slow
 def test_smoke_suite_with_real_peers_runs_with_tensorflow_blocked(tmp_path):
     """The command of the issue's smoke suite, reduced to one case's step: JAX and both real
     PyTorch peer styles, in a worker process where TensorFlow cannot be imported."""

@@ -34,6 +34,7 @@ def full_run(tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_every_case_has_the_fields(full_run):
     _, records = full_run
     assert [r["case"] for r in records] == list(host.CASES)

@@ -188,6 +188,7 @@ def case(request):
     return request.param, *_case(request.param)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", peers.STYLES)
 def test_peer_step_is_the_jax_step(case, style):
     method, spec, jax_losses = case

@@ -139,6 +139,7 @@ def test_unknown_recipe_name_lists_the_names(capsys):
 # --------------------------------------------------------------------------------- dry run
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_plan_without_compiling_or_writing(tmp_path, data_dir):
     workdir = tmp_path / "w"
     # By name, from the checkout; JAX_LOG_COMPILES logs every XLA compilation.
@@ -163,6 +164,7 @@ def test_dry_run_prints_config_and_plan_without_compiling_or_writing(tmp_path, d
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_dry_run_plans_every_stage_of_a_multi_stage_config(tmp_path, data_dir):
     stages = load_config("demo.py:smoke").stage_order
     data = [f"--config.stages.{s}.data.data_dir={data_dir}" for s in stages]

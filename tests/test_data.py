@@ -102,6 +102,7 @@ def test_train_is_deterministic(digits):
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
+@pytest.mark.slow
 def test_train_is_deterministic_across_processes(data_dir, digits):
     # Requirement (a): a fresh interpreter with the same seed sees the same batches.
     script = textwrap.dedent(

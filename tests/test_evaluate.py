@@ -15,6 +15,8 @@ from disco_jax import main as _train_cli  # noqa: F401 -- both CLIs import in on
 from disco_jax.errors import ConfigError
 from tests.helpers import ROOT, load_config, override
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):

@@ -72,6 +72,7 @@ def np_knn(train_f, train_y, test_f, test_y, k, temp, num_classes):
     return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
 
 
+@pytest.mark.slow
 def test_knn_evaluator_matches_numpy_over_the_k_sweep(encoder, data_dir, tmp_path):
     env = make_env(data_dir, tmp_path)
     model = make_model(encoder)
@@ -203,6 +204,7 @@ def test_probe_transforms(data_dir, tmp_path):
     assert not np.array_equal(centre["image"], got["image"])
 
 
+@pytest.mark.slow
 def test_augmented_probe_trains_and_resumes(encoder, data_dir, tmp_path):
     env = make_env(data_dir, tmp_path / "a")
     model = make_model(encoder)
@@ -253,6 +255,7 @@ def test_per_class_subset_and_subset_source(data_dir):
     assert halves == got
 
 
+@pytest.mark.slow
 def test_semi_linear_and_finetune_reduced(encoder, data_dir, tmp_path):
     env = make_env(data_dir, tmp_path)
     model = make_model(encoder)
@@ -367,6 +370,7 @@ def test_semi_on_imagenet_uses_the_tfds_subset(encoder, tmp_path):
         evaluation.validate(mlc.ConfigDict({"e": evaluation.block("semi", subset="2pct")}), env)
 
 
+@pytest.mark.slow
 def test_long_protocol_preempted_by_sigterm_resumes_exactly(encoder, data_dir, tmp_path,
                                                             monkeypatch):
     import signal

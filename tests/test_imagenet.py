@@ -169,6 +169,7 @@ def test_imagenet_is_read_by_a_fresh_process(imagenet_data_dir):
     assert f"imagenet2012_subset/1pct True 1000 {2 * len(CLASSES)} {N_VAL}" in out
 
 
+@pytest.mark.slow
 def test_train_run_on_imagenet2012(tmp_path, imagenet_data_dir):
     # The cheapest real run: the MoCo-v2 smoke recipe (configs/moco_v2_r50.py:smoke, batch 16
     # at 16 px, no teacher) with a ResNet-18 (SEED's student) trained `supervised` by a 1000-way

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import pytest
 
 from disco_jax import jit_util
 from tests.helpers import ROOT
@@ -22,6 +23,7 @@ def test_compile_cache_keeps_a_cache_the_user_chose(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_run_once_and_the_cache_in_a_default_process(tmp_path):
     cache = str(tmp_path / "cache")
     code = textwrap.dedent(f"""

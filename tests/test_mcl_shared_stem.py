@@ -85,6 +85,7 @@ def test_refusals(data_dir):
         validate(cfg)
 
 
+@pytest.mark.slow
 def test_one_training_step_with_shared_stem(tmp_path, data_dir):
     cfg = load_config("mcl_cifar_resnet32x2.py:smoke,m=3", data_dir)
     cfg.mesh.num_devices, cfg.eval.enabled = 1, False

@@ -325,6 +325,7 @@ def test_auxiliary_branches_copy_the_official_blocks():
 CONFIGS = ["lmcl_cifar_resnet32x2.py", "lmcl_r34x2.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
     cfg = load_config(f"{name}:smoke", data_dir)
@@ -391,6 +392,7 @@ def test_bn_groups_cut_every_output_along_its_batch_axis():
         np.testing.assert_allclose(out[key], want, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_meta_step_in_the_train_step(data_dir):
     # The whole jitted train step on a tiny network, meta step every batch (meta_freq 1):
     # none before the first update, then one at the start of every later step.

@@ -65,10 +65,14 @@ def test_index_of_shuffled_stream_is_the_split_position(digits):
 CONFIGS = ["mcl_cifar_resnet32x2.py", "mcl_r18x2.py", "mcl_moco_r18x2.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_smoke_config_runs_end_to_end_and_8_devices_equal_1(tmp_path, data_dir, name):
-    # One straight 8-device run is the end-to-end check (train, checkpoint, export, kNN, linear);
-    # the same config on 1 device must give the same loss curve (global BN, global banks/queues).
+def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
+    # One straight 8-device run is the end-to-end check (train, checkpoint, export, kNN, linear).
+    # The memory-bank form (mcl_r18x2) is also run on 1 device, which must give the same loss
+    # curve (global BN, global banks): its negatives are drawn per row position, so the
+    # step-level check of tests/test_steps.py, which reorders rows, does not apply to it; the
+    # in-batch and MoCo forms are checked there.
     assert jax.device_count() == 8
     cfg = load_config(f"{name}:smoke", data_dir)
     cfg.log_every_steps = 1
@@ -79,17 +83,8 @@ def test_smoke_config_runs_end_to_end_and_8_devices_equal_1(tmp_path, data_dir, 
         nets = [ev[f"classifier/net{i}_top1"] for i in range(cfg.loss.num_nets)]
         assert ev["classifier/top1"] == max(nets) and 0 <= ev["classifier/ensemble_top1"] <= 100
         assert ev["classifier/net0_top5"] >= ev["classifier/net0_top1"]
-    cfg1 = load_config(f"{name}:smoke", data_dir)
-    cfg1.mesh.num_devices, cfg1.eval.enabled = 1, False
-    cfg1.log_every_steps, cfg1.stop_at_step = 1, 2
-    train.run(cfg1, str(tmp_path / "b1"))
-    a, b = (read_metrics(str(tmp_path / k)) for k in ("a8", "b1"))
+    a = read_metrics(str(tmp_path / "a8"))
     terms = ("loss", "vcl", "icl", "soft_vcl", "soft_icl")
-    # Steps 1-2 (before and after one update): later steps drift apart by float32 reduction
-    # order amplified by lr 0.1 on this 16-px, width-0.25 student (0.5% at step 4, measured).
-    for key in terms:
-        np.testing.assert_allclose([r[key] for r in a[:2]], [r[key] for r in b], rtol=1e-4,
-                                   atol=1e-5, err_msg=key)
     assert all(a[0][k] > 0 for k in terms)
     assert a[-1]["loss"] != a[0]["loss"]
     # The export is network 0 as a plain encoder: it rebuilds and runs without the cohort.
@@ -97,6 +92,18 @@ def test_smoke_config_runs_end_to_end_and_8_devices_equal_1(tmp_path, data_dir, 
     assert set(variables["params"]) == {"backbone", "head"}
     out = models.build_encoder(manifest).apply(variables, np.zeros((2, 16, 16, 3), np.float32))
     assert out["embedding"].shape == (2, 128)
+    if cfg.loss.form != "memory_bank":
+        return
+    cfg1 = load_config(f"{name}:smoke", data_dir)
+    cfg1.mesh.num_devices, cfg1.eval.enabled = 1, False
+    cfg1.log_every_steps, cfg1.stop_at_step = 1, 2
+    train.run(cfg1, str(tmp_path / "b1"))
+    b = read_metrics(str(tmp_path / "b1"))
+    # Steps 1-2 (before and after one update): later steps drift apart by float32 reduction
+    # order amplified by lr 0.1 on this 16-px, width-0.25 student (0.5% at step 4, measured).
+    for key in terms:
+        np.testing.assert_allclose([r[key] for r in a[:2]], [r[key] for r in b], rtol=1e-4,
+                                   atol=1e-5, err_msg=key)
 
 
 def _smoke(name, data_dir, **overrides):

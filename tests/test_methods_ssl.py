@@ -1,5 +1,6 @@
-"""SSLD (untrained teacher), supervised, SimCLR and BYOL on the one trainer: smoke configs end to
-end, 8 devices == 1 device, the `data.extra` mixture and `student.init`."""
+"""SSLD (untrained teacher), SimCLR and BYOL on the one trainer: smoke configs end to end, the
+`data.extra` mixture and `student.init`. Their steps (and `supervised`'s) on 8 vs 1 device are
+checked at step level in tests/test_steps.py."""
 
 from __future__ import annotations
 
@@ -29,20 +30,6 @@ def flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
 
 
-def assert_same_run(a: str, b: str, rtol: float = 1e-5, param_rtol: float = 5e-5):
-    """Two runs of one config on 8 and 1 devices: same losses and parameters (see test_train
-    for why parameters agree to ~1e-5 relative, not bitwise)."""
-    la = [r["loss"] for r in read_metrics(a)]
-    lb = [r["loss"] for r in read_metrics(b)]
-    assert len(la) >= 2
-    np.testing.assert_allclose(la, lb, rtol=rtol, atol=rtol)
-    sa, sb = final_state(a), final_state(b)
-    for key in ("params", "batch_stats"):
-        x, y = flat(sa[key]), flat(sb[key])
-        rel = np.linalg.norm(x - y) / np.linalg.norm(y)
-        assert rel < param_rtol, f"{key}: relative L2 difference {rel:.2e}"
-
-
 @pytest.fixture(scope="module")
 def ssld_run(tmp_path_factory, data_dir):
     """configs/ssld_mbv3.py:smoke through main.run_stages, no teacher flag (an untrained
@@ -54,6 +41,7 @@ def ssld_run(tmp_path_factory, data_dir):
     return cfg, workdir, summary
 
 
+@pytest.mark.slow
 def test_ssld_smoke_stages_run_end_to_end_and_finetune_starts_from_distilled(ssld_run):
     cfg, workdir, summary = ssld_run
     assert 0 <= summary["stages"]["finetune"]["linear_top1"] <= 100
@@ -78,34 +66,7 @@ def test_ssld_smoke_stages_run_end_to_end_and_finetune_starts_from_distilled(ssl
     assert 0 < diff.max() < 1e-2
 
 
-def test_ssld_8_devices_equal_1_device(ssld_run, tmp_path):
-    cfg, workdir, _ = ssld_run
-    stage = cfg.stages["distill"].copy_and_resolve_references()
-    stage.eval.enabled = False
-    stage.mesh.num_devices = 1
-    train.run(stage, str(tmp_path / "one"))
-    assert_same_run(os.path.join(workdir, "distill"), str(tmp_path / "one"))
-
-
-def test_supervised_8_devices_equal_1_device(ssld_run, tmp_path):
-    # `supervised` (how an SSLD teacher is made) on the smoke distill stage's network and data
-    # (digits alone): lr 0.1 at batch 16, weight decay 1e-4, 3 steps.
-    cfg, _, _ = ssld_run
-    stage = cfg.stages["distill"].copy_and_resolve_references()
-    stage.method, stage.loss = "supervised", methods.loss_defaults("supervised")
-    stage.teacher.init, stage.data.extra = "", ()
-    stage.student.model_kwargs = {"width": 0.25, "stem": "cifar"}  # a smoke ResNet's
-    stage.optimizer.base_lr, stage.optimizer.weight_decay = 0.1 * 256 / 16, 1e-4
-    stage.eval.enabled = False
-    for n in (8, 1):
-        stage.mesh.num_devices = n
-        train.run(stage, str(tmp_path / str(n)))
-    # Step 1 agrees to 1e-7; lr 0.1 on 16 images grows the float32 reduction-order noise to
-    # ~1.5e-5 relative in the loss and 2e-4 relative L2 in the parameters by step 4 (measured);
-    # a sharding bug (per-device BN, unaveraged gradients) moves them by percents.
-    assert_same_run(str(tmp_path / "8"), str(tmp_path / "1"), rtol=1e-4, param_rtol=1e-3)
-
-
+@pytest.mark.slow
 def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
     cfg, workdir, _ = ssld_run
     stage = cfg.stages["finetune"].copy_and_resolve_references()
@@ -127,6 +88,7 @@ def test_ssld_student_init_loads_and_rejects_mismatches(ssld_run):
         ssld.validate(stage)
 
 
+@pytest.mark.slow
 def test_ssld_validate_rejects_non_classifiers_and_bad_options(ssld_run):
     cfg, workdir, _ = ssld_run
     stage = cfg.stages["distill"].copy_and_resolve_references()
@@ -143,19 +105,17 @@ def test_ssld_validate_rejects_non_classifiers_and_bad_options(ssld_run):
         ssld.validate(stage)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["simclr_r50.py", "byol_r50.py"])
-def test_ssl_smoke_config_runs_and_8_devices_equal_1_device(name, tmp_path, data_dir):
-    runs = {}
-    for tag, n in [("eight", 8), ("one", 1)]:
-        cfg = load_config(f"{name}:smoke", data_dir)
-        cfg.total_steps = 3
-        cfg.checkpoint_every_steps = 3
-        cfg.log_every_steps = 1
-        cfg.mesh.num_devices = n
-        cfg.eval.enabled = n == 8  # the full evaluation once
-        runs[tag] = train.run(cfg, str(tmp_path / tag))
-    assert 0 <= runs["eight"]["knn_top1"] <= 100 and 0 <= runs["eight"]["linear_top1"] <= 100
-    assert_same_run(str(tmp_path / "eight"), str(tmp_path / "one"))
+def test_ssl_smoke_config_runs_end_to_end(name, tmp_path, data_dir):
+    # The step on 8 vs 1 device is checked in tests/test_steps.py.
+    cfg = load_config(f"{name}:smoke", data_dir)
+    cfg.total_steps = 3
+    cfg.checkpoint_every_steps = 3
+    cfg.log_every_steps = 1
+    res = train.run(cfg, str(tmp_path / "eight"))
+    assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
+    assert np.isfinite([r["loss"] for r in read_metrics(str(tmp_path / "eight"))]).all()
     # The exported encoder is the online backbone + projector (BYOL's predictor left out).
     variables, manifest = checkpoint.load_encoder(str(tmp_path / "eight" / "encoder"))
     assert set(variables["params"]) == {"backbone", "head"}
@@ -242,7 +202,6 @@ def test_byol_loss_augments_view2_as_view_2_and_reads_total_steps_from_ctx():
     ctx["total_steps"] (no import of the trainer at trace time)."""
     import jax.numpy as jnp
 
-    from disco_jax import methods
     from disco_jax.methods import byol
 
     cfg = methods.resolve_loss(load_config("byol_r50.py:smoke"))

@@ -29,6 +29,8 @@ from tests.robust_util import (
     write_config_file,
 )
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
+
 
 def free_port_pair() -> int:
     """A port p with p and p+1 free (jax's coordinator and our rendezvous)."""

@@ -24,6 +24,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
+
 # The GitHub organisation/repository every Colab badge and install line names.
 REPO = "disco-jax/disco_jax"
 BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"

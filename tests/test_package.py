@@ -23,6 +23,8 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
+
 # Console script -> what its --help must show (its own flags, not only absl's).
 SCRIPTS = {"disco-jax-train": "dry_run: Check", "disco-jax-evaluate": "--encoder",
            "disco-jax-convert": "usage: python -m disco_jax.convert"}

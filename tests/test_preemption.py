@@ -36,6 +36,8 @@ from tests.robust_util import (
     write_config_file,
 )
 
+pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
+
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, data_dir):

@@ -1,39 +1,57 @@
 """Every method's train step at step level (tests/step_util.py: the step `train.run` jits, on
-synthetic batches, with no tf.data, orbax or evaluation): two steps of each method's smoke
-recipe on 8 devices equal two steps on 1 device up to this CPU's float32 noise, measured in the
-same test, and each method's loss is the sum of its logged terms.
+synthetic batches, with no tf.data, orbax or evaluation). Quick: two steps of each method's
+smoke recipe on 8 devices train, repeat bitwise, the loss is the sum of its logged terms, and
+what a method's step must do beyond that holds (`EXTRA_CHECKS`: queue pointers, the momentum
+encoder, the signs and bounds of loss terms). Slow: the same two steps on 8 devices equal two
+steps on 1 device up to this CPU's float32 noise, measured in the same test.
 
-The noise sample (as tests/test_methods_disco.py `assert_same_training` explains): the same two
-steps with every batch's rows reordered within their BN groups, on 1 and on 8 devices. That is
-the same math with the float32 sums over each group in another order. Augmentation is off (its
-per-example keys follow the row position) and the students have no dropout, so nothing random
-follows the row position. MCL's and L-MCL's memory-bank forms draw their negatives per row
-position, so a reordering is not the same math there: those forms are compared across device
-counts end to end (tests/test_methods_mcl.py, slow).
+The noise sample: the same two steps with every batch's rows reordered within their BN groups
+(`helpers.group_permutation`; shuffle-BN's own permutation composed with the inverse, so the
+key encoder sees the same groups), on 1 and on 8 devices. That is the same math with the
+float32 sums over each group in another order. Both samples are needed: the 8-device program
+is the more sensitive one (seen for disco_r18: params 2.6e-6 relative between the 8-device
+runs, 2.5e-8 between the 1-device runs, 1.6e-6 for 8 vs 1), and a bug in the 8-device program
+is in its permuted run too, so it cannot widen the bound. A sharding bug moves far more: BN
+groups of one device's 2 rows instead of 4 moved the parameters by 1.7e-3 and the BN statistics
+by 1.9e-2 (tried); unaveraged gradients or a queue written per device, more still. The step-2
+gradient norm is the most sensitive logged scalar: one SGD step through BN groups of tiny maps
+turns 1e-6 parameter noise into ~1e-2 (seen for SEED multi-crop); the losses stay within ~1e-4.
+
+Augmentation is off (its per-example keys follow the row position) and the students have no
+dropout, so nothing random follows the row position. MCL's and L-MCL's memory-bank forms draw
+their negatives per row position, so a reordering is not the same math there: those forms are
+compared across device counts end to end (tests/test_methods_mcl.py, slow).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from disco_jax import methods
 from disco_jax.methods import common
 from tests import step_util
 from tests.helpers import group_permutation, load_config, override
 
-R18 = {"student.model": "resnet18", "student.model_kwargs": {"width": 0.25, "stem": "cifar"}}
+B = 16  # every smoke recipe's global batch
+# The networks of every case: the method's math is under test here, not the network, and a
+# ResNet-10 (one basic block per stage) compiles in a fraction of the smoke recipes' ResNet-18/
+# 32/50 time. The recipes' own networks train end to end in the slow tests.
+TINY = {"model": "resnet10", "model_kwargs": {"width": 0.25, "stem": "cifar"}}
 
 # (recipe, overrides, what its loss is made of: the logged terms that sum to `loss`, with
 # their weights). One case per method, plus the forms that change the step (SEED's small crops,
-# MCL's in-batch and MoCo forms).
+# MCL's in-batch and MoCo forms). `supervised` (how an SSLD teacher is made) has no recipe of its
+# own: SSLD's distillation stage with the method swapped (`step_config`).
 CASES = {
     "seed": ("seed_r18.py:smoke", {}, None),
-    "seed_multicrop": ("seed_multicrop_effb0.py:smoke", R18, {"seed_main": 1.0,
-                                                              "seed_small": 1.0}),
+    "seed_multicrop": ("seed_multicrop_effb0.py:smoke", {}, {"seed_main": 1.0,
+                                                             "seed_small": 1.0}),
     "disco": ("disco_r18.py:smoke", {}, {"contrastive": 1.0, "distill_q": 1 / 8,
                                           "distill_k": 1 / 8}),
-    "moco_v2": ("moco_v2_r50.py:smoke", R18, None),
+    "moco_v2": ("moco_v2_r50.py:smoke", {}, None),
     "kd": ("kd_r18.py:smoke,kind=logits", {}, {"kd": 1.0, "ce": 1.0}),
     "mcl_in_batch": ("mcl_cifar_resnet32x2.py:smoke", {}, None),
     "mcl_moco": ("mcl_moco_r18x2.py:smoke", {}, None),
@@ -41,7 +59,33 @@ CASES = {
     "byol": ("byol_r50.py:smoke", {}, None),
     "simclr": ("simclr_r50.py:smoke", {}, None),
     "ssld": ("ssld_mbv3.py:smoke", {}, None),
+    "supervised": ("ssld_mbv3.py:smoke", {}, None),
 }
+
+
+def _flat_params(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _check_disco(rows, state):
+    for r in rows:  # each distillation term is a sum over the batch of 2 - 2 cos, in (0, 4B]
+        assert 0 < r["distill_q"] <= 4 * B and 0 < r["distill_k"] <= 4 * B
+    assert int(state["queue"]["ptr"]) == 2 * B  # two steps of the student's keys
+    # The momentum (key) encoder moved towards the query encoder, and is not equal to it.
+    ema, cur = _flat_params(state["ema"]["params"]), _flat_params(state["params"])
+    assert 0 < np.abs(ema - cur).max()
+
+
+def _check_seed_multicrop(rows, state):
+    assert int(state["queue_small"]["ptr"]) == int(state["queue"]["ptr"]) == 2 * B
+
+
+def _check_kd(rows, state):
+    assert all(r["kd"] > 0 and r["ce"] > 0 for r in rows)
+
+
+# What a method's step must do beyond the common checks (on the 8-device run).
+EXTRA_CHECKS = {"disco": _check_disco, "seed_multicrop": _check_seed_multicrop, "kd": _check_kd}
 
 
 def step_config(name: str):
@@ -50,6 +94,16 @@ def step_config(name: str):
     if "stages" in cfg:  # ssld: its distillation stage
         cfg = cfg.stages[cfg.stage_order[0]]
     override(cfg, **overrides)
+    if name == "supervised":
+        cfg.method, cfg.loss = "supervised", methods.loss_defaults("supervised")
+        cfg.teacher.init = ""
+    for net in ("student", "teacher"):
+        # L-MCL keeps its recipe's 3-stage ResNet-32: on a ResNet-10 its second network ends
+        # 8 vs 1 device ~2e-4 apart after two steps, 500x the reordering noise (seen here,
+        # not yet explained; see the #14 notes), which the recipe's network does not show.
+        if name != "lmcl" and net in cfg and cfg[net].model in ("resnet18", "resnet32",
+                                                                 "resnet50"):
+            cfg[net].update(TINY)
     if cfg.get("student", {}).get("init"):
         cfg.student.init = ""  # ssld's finetune-from path: a fresh student here
     for key in ("jitter_p", "gray_p", "blur_p", "solarize_p"):
@@ -58,45 +112,102 @@ def step_config(name: str):
     return cfg
 
 
-def run_steps(cfg, devices: int, perm: np.ndarray | None, monkeypatch) -> tuple[list, dict]:
-    """Two steps on `devices` devices; with `perm`, every batch's rows reordered by it and
-    shuffle-BN's permutation composed with its inverse (as tests/helpers.permute_batches)."""
-    stepper = step_util.build(cfg.copy_and_resolve_references(), devices)
-    batches = [stepper.batch(seed) for seed in (1, 2)]
-    with monkeypatch.context() as m:
-        if perm is not None:
-            batches = [{k: v[perm] for k, v in b.items()} for b in batches]
-            shuffle, inverse = common.shuffle_permutation, jnp.asarray(np.argsort(perm))
-            m.setattr(common, "shuffle_permutation", lambda rng, n: inverse[shuffle(rng, n)])
-        return stepper.run(batches)
+class Runs:
+    """The four runs of a case: 8 and 1 devices, each also with the batch rows reordered by
+    `perm`. A permuted run reuses its device count's compiled step unless the step traced
+    shuffle-BN's permutation, which a permuted run must compose with perm^-1 (a new trace)."""
+
+    def __init__(self, cfg, perm: np.ndarray, monkeypatch):
+        self.cfg, self.perm, self.monkeypatch = cfg.copy_and_resolve_references(), perm, monkeypatch
+        self.steppers: dict = {}
+
+    def _stepper(self, devices: int, permuted: bool):
+        key = (devices, permuted and self.shuffles)
+        if key not in self.steppers:
+            first = next(iter(self.steppers.values())).first if self.steppers else None
+            self.steppers[key] = step_util.build(self.cfg.copy_and_resolve_references(), devices,
+                                                 first)
+        return self.steppers[key]
+
+    def run(self, devices: int, permuted: bool = False) -> tuple[list, dict]:
+        if not permuted and (devices, False) not in self.steppers:
+            stepper = self._stepper(devices, False)
+            calls = []  # does this step shuffle (traced on its first run)?
+            shuffle = common.shuffle_permutation
+            with self.monkeypatch.context() as m:
+                m.setattr(common, "shuffle_permutation",
+                          lambda rng, n: calls.append(n) or shuffle(rng, n))
+                out = stepper.run(self._batches(stepper, False))
+            self.shuffles = bool(calls)
+            return out
+        stepper = self._stepper(devices, permuted)
+        with self.monkeypatch.context() as m:
+            if permuted:
+                shuffle, inverse = common.shuffle_permutation, jnp.asarray(np.argsort(self.perm))
+                m.setattr(common, "shuffle_permutation", lambda rng, n: inverse[shuffle(rng, n)])
+            return stepper.run(self._batches(stepper, permuted))
+
+    def _batches(self, stepper, permuted: bool) -> list[dict]:
+        batches = [stepper.batch(seed) for seed in (1, 2)]
+        if permuted:
+            batches = [{k: v[self.perm] for k, v in b.items()} for b in batches]
+        return batches
 
 
 def _flat(tree) -> np.ndarray:
-    import jax
-
     leaves = jax.tree_util.tree_leaves(tree)
     return np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
 
 
+def _queue_rows(state: dict, name: str, perm: np.ndarray | None) -> np.ndarray:
+    """A queue's rows in the unpermuted batch order: each block of B rows enqueued by one step
+    of a permuted run is put back in order (the rows not yet written are the initial ones)."""
+    feats = np.asarray(state[name]["feats"], np.float64)
+    if perm is None:
+        return feats
+    n, unperm, ptr = len(perm), np.argsort(perm), int(state[name]["ptr"])
+    return np.concatenate([feats[i:i + n][unperm] if i + n <= ptr else feats[i:i + n]
+                           for i in range(0, len(feats), n)])
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_8_devices_equal_1_device_and_the_loss_is_its_terms(name, monkeypatch):
+def test_two_steps_train_repeat_bitwise_and_the_loss_is_its_terms(name, monkeypatch):
+    """Two steps on 8 devices (every sharding path): finite, the step counter moved, the loss
+    is the sum of its logged terms, the method's own checks hold, and a second run from the
+    same state on the same batches gives bitwise the same metrics and state."""
+    cfg = step_config(name)
+    assert cfg.batch_size == B
+    runs = Runs(cfg, group_permutation(cfg), monkeypatch)
+    rows, state = runs.run(8)
+    again = runs.run(8)
+    assert again[0] == rows
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again[1], state)
+    assert int(state["step"]) == 2
+    assert all(np.isfinite(r["loss"]) and r["finite"] == 1.0 for r in rows)
+    terms = CASES[name][2]
+    if terms is not None:  # the loss is the weighted sum of the logged terms
+        for r in rows:
+            np.testing.assert_allclose(r["loss"], sum(w * r[k] for k, w in terms.items()),
+                                       rtol=1e-5)
+    if name in EXTRA_CHECKS:
+        EXTRA_CHECKS[name](rows, state)
+    for key in state:
+        if key.startswith("queue") and "ptr" in state[key]:
+            assert int(state[key]["ptr"]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_8_devices_equal_1_device(name, monkeypatch):
     cfg = step_config(name)
     perm = group_permutation(cfg)
     assert not np.array_equal(perm, np.arange(len(perm)))
-    a, b = (run_steps(cfg, n, None, monkeypatch) for n in (8, 1))
-    p1, p8 = (run_steps(cfg, n, perm, monkeypatch) for n in (1, 8))
+    runs = Runs(cfg, perm, monkeypatch)
+    a, b = runs.run(8), runs.run(1)
+    p1, p8 = runs.run(1, permuted=True), runs.run(8, permuted=True)
     (rows_a, state_a), (rows_b, state_b) = a, b
     (rows_p, state_p), (rows_q, state_q) = p1, p8
-
-    # Each step trained: finite, the step counter moved, the parameters changed.
     assert [int(s["step"]) for s in (state_a, state_b)] == [2, 2]
-    for rows in (rows_a, rows_b):
-        assert all(np.isfinite(r["loss"]) and r["finite"] == 1.0 for r in rows)
-    terms = CASES[name][2]
-    if terms is not None:  # the loss is the weighted sum of the logged terms
-        for r in rows_a:
-            np.testing.assert_allclose(r["loss"], sum(w * r[k] for k, w in terms.items()),
-                                       rtol=1e-5)
 
     eps = float(np.finfo(np.float32).eps)
     # Logged scalars: within 10x the larger noise sample + 1000 float32 roundings of the value
@@ -107,15 +218,20 @@ def test_8_devices_equal_1_device_and_the_loss_is_its_terms(name, monkeypatch):
             tol = 10 * max(abs(vp - vb), abs(vq - va)) + 1e3 * eps * abs(vb)
             assert abs(va - vb) <= tol, (f"{name} step {i + 1} {key}: 8 devices {va}, 1 device"
                                          f" {vb}, noise samples {vp - vb:.2e}, {vq - va:.2e}")
-    # Parameters and BN statistics: within 10x the larger noise distance (+ one rounding each).
-    # Queues and banks hold rows in batch order: compared by the float32 noise of their norms.
-    for key in ("params", "batch_stats"):
-        fa, fb, fp, fq = (_flat(s[key]) for s in (state_a, state_b, state_p, state_q))
+    # Parameters, BN statistics, optimizer state (momentum: the gradients), the momentum
+    # encoder where there is one, and queues (rows in the unpermuted batch order): within 10x
+    # the larger noise distance (+ one rounding each).
+    arrays = {key: [_flat(s[key]) for s in (state_a, state_b, state_p, state_q)]
+              for key in ("params", "batch_stats", "opt_state", "ema") if key in state_a}
+    for key in state_a:
+        if key.startswith("queue") and "ptr" in state_a[key]:
+            assert int(state_a[key]["ptr"]) == int(state_b[key]["ptr"]) > 0
+            arrays[key] = [_queue_rows(s, key, p) for s, p in
+                           zip((state_a, state_b, state_p, state_q), (None, None, perm, perm),
+                               strict=True)]
+    for key, (fa, fb, fp, fq) in arrays.items():
         ref = np.linalg.norm(fb)
         noise = max(np.linalg.norm(fp - fb), np.linalg.norm(fq - fa)) + eps * ref
         diff = np.linalg.norm(fa - fb)
         assert diff <= 10 * noise, (f"{name} {key}: 8 vs 1 device {diff / ref:.2e} relative L2,"
                                     f" reordered-group noise {noise / ref:.2e}")
-    for key in state_a:
-        if key.startswith("queue") and "ptr" in state_a[key]:
-            assert int(state_a[key]["ptr"]) == int(state_b[key]["ptr"]) > 0

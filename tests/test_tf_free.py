@@ -14,6 +14,8 @@ import subprocess
 import sys
 import types
 
+import pytest
+
 from disco_jax.data import _tf
 from tests.helpers import ROOT
 
@@ -108,6 +110,7 @@ def _run(script: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_core_imports_and_runs_a_train_step_without_tensorflow():
     out = _run(_BLOCK + _IMPORT_ALL + _STEP + _REPORT)
     assert out["tf_modules"] == []  # neither TF nor clu (whose writers import TF) was loaded
