@@ -24,6 +24,11 @@ status 4 at once, instead of hanging in a collective that will never complete. T
 checkpoint is untouched (a checkpoint is only "latest" once every process finished writing it),
 so restarting all processes resumes. A process that finishes, is preempted, or stops on its own
 error says so first (`finish`), so the others do not mistake its exit for a death.
+
+jax's own heartbeat alone (measured by launch/probe_peer_loss.py, figures in launch/README.md)
+ends a survivor only after the heartbeat timeout when a worker is killed, and then by SIGABRT
+with a C++ stack trace; the watchdog is kept for what that lacks: noticing a killed process at
+once, one line naming it on every survivor, and exit status 4.
 """
 
 from __future__ import annotations

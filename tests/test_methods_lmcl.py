@@ -330,6 +330,7 @@ CONFIGS = ["lmcl_cifar_resnet32x2.py", "lmcl_r34x2.py"]
 def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
     cfg = load_config(f"{name}:smoke", data_dir)
     cfg.log_every_steps = 1
+    cfg.mesh.num_devices = 1  # the step on 8 devices: tests/test_steps.py (half the compile)
     # Only the classifier (kNN and the probe extract the train split through the whole cohort:
     # minutes on CPU); the features they would read are checked in test_meta_step_...
     cfg.evals = {"classifier": cfg.evals.classifier}

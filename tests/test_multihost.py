@@ -7,6 +7,7 @@ whether one process reads both shards or each process reads its own.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -181,3 +182,20 @@ def test_a_process_that_dies_mid_run_is_named(tmp_path, data_dir, teacher, victi
     assert "start all 2 processes again with the same command to resume" in err
     # Bounded well below the 300 s heartbeat timeout: the closed connection is seen at once.
     assert waited < 60, waited
+
+
+def test_the_peer_loss_probe_records_a_killed_worker(tmp_path):
+    """launch/probe_peer_loss.py (the figures of launch/README.md): with the watchdog, a
+    SIGKILLed worker is named by the survivor, which exits 4 well within the timeout."""
+    out = tmp_path / "probe"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "probe_peer_loss.py"), "--out", str(out),
+         "--cases", "kill_1", "--watchdog", "on", "--heartbeat_s", "60"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = json.load(open(out / "probe.json"))["records"]
+    assert record["exit_status"] == 4 and record["noticed_s"] < 30, record
+    assert record["survivor_message"].startswith("error: process 1 of 2 exited or was killed")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "probe_peer_loss.py"),
+                          "--cases", "kill_2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --cases: unknown")
