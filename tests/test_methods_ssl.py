@@ -117,7 +117,7 @@ def test_ssl_smoke_config_runs_end_to_end(name, tmp_path, data_dir):
     assert 0 <= res["knn_top1"] <= 100 and 0 <= res["linear_top1"] <= 100
     assert np.isfinite([r["loss"] for r in read_metrics(str(tmp_path / "w"))]).all()
     # The exported encoder is the online backbone + projector (BYOL's predictor left out).
-    variables, manifest = checkpoint.load_encoder(str(tmp_path / "eight" / "encoder"))
+    variables, manifest = checkpoint.load_encoder(str(tmp_path / "w" / "encoder"))
     assert set(variables["params"]) == {"backbone", "head"}
     assert manifest["method"] == cfg.method
     if cfg.method == "byol":
