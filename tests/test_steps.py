@@ -64,8 +64,9 @@ CASES = {
 }
 
 
-def _flat_params(tree) -> np.ndarray:
-    return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+def _flat(tree) -> np.ndarray:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
 
 
 def _check_disco(rows, state):
@@ -73,7 +74,7 @@ def _check_disco(rows, state):
         assert 0 < r["distill_q"] <= 4 * B and 0 < r["distill_k"] <= 4 * B
     assert int(state["queue"]["ptr"]) == 2 * B  # two steps of the student's keys
     # The momentum (key) encoder moved towards the query encoder, and is not equal to it.
-    ema, cur = _flat_params(state["ema"]["params"]), _flat_params(state["params"])
+    ema, cur = _flat(state["ema"]["params"]), _flat(state["params"])
     assert 0 < np.abs(ema - cur).max()
 
 
@@ -117,11 +118,13 @@ def step_config(name: str):
 
 class Runs:
     """The four runs of a case: 8 and 1 devices, each also with the batch rows reordered by
-    `perm`. A permuted run reuses its device count's compiled step unless the step traced
-    shuffle-BN's permutation, which a permuted run must compose with perm^-1 (a new trace)."""
+    `perm`. A permuted run reuses its device count's compiled step unless the step uses
+    shuffle-BN (`loss.key_bn="shuffle"`, the only caller of `common.shuffle_permutation`),
+    whose permutation a permuted run must compose with perm^-1 (a new trace)."""
 
     def __init__(self, cfg, perm: np.ndarray, monkeypatch):
         self.cfg, self.perm, self.monkeypatch = cfg.copy_and_resolve_references(), perm, monkeypatch
+        self.shuffles = cfg.loss.get("key_bn") == "shuffle"
         self.steppers: dict = {}
 
     def _stepper(self, devices: int, permuted: bool):
@@ -133,16 +136,6 @@ class Runs:
         return self.steppers[key]
 
     def run(self, devices: int, permuted: bool = False) -> tuple[list, dict]:
-        if not permuted and (devices, False) not in self.steppers:
-            stepper = self._stepper(devices, False)
-            calls = []  # does this step shuffle (traced on its first run)?
-            shuffle = common.shuffle_permutation
-            with self.monkeypatch.context() as m:
-                m.setattr(common, "shuffle_permutation",
-                          lambda rng, n: calls.append(n) or shuffle(rng, n))
-                out = stepper.run(self._batches(stepper, False))
-            self.shuffles = bool(calls)
-            return out
         stepper = self._stepper(devices, permuted)
         with self.monkeypatch.context() as m:
             if permuted:
@@ -155,11 +148,6 @@ class Runs:
         if permuted:
             batches = [{k: v[self.perm] for k, v in b.items()} for b in batches]
         return batches
-
-
-def _flat(tree) -> np.ndarray:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
 
 
 def _queue_rows(state: dict, name: str, perm: np.ndarray | None) -> np.ndarray:
