@@ -91,7 +91,8 @@ def test_seed_run_checkpoints_its_sharded_queue_of_teacher_embeddings(tmp_path, 
     run's rows must be within 10x the error of a float32 forward on one device. A sharding
     bug moves far more (tried): the queue's rows rolled by one device's 2 rows lie 0.55
     relative L2 from the float64 reference, the teacher run with per-device train-mode BN 0.53,
-    against a tolerance of 2e-5.
+    against a tolerance of 2e-5 (seen when the reference was a 1-device run's queue; the
+    float32 forward used now has not been tried against those bugs).
     """
     assert jax.device_count() == 8
     calls = []
