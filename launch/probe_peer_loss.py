@@ -53,12 +53,20 @@ def child(pid: int, port: int, heartbeat_s: int, watchdog: bool) -> None:
     sh = NamedSharding(mesh, P("data"))
     total = jax.jit(lambda x: jnp.sum(x), out_shardings=NamedSharding(mesh, P()))
     step = 0
-    while True:
-        x = jax.make_array_from_process_local_data(sh, np.ones((4,), np.float32) * step)
-        value = float(total(x))  # both processes must take part: a collective
-        step += 1
-        print(f"step {step} {value}", flush=True)
-        time.sleep(0.05)
+    try:
+        while True:
+            x = jax.make_array_from_process_local_data(sh, np.ones((4,), np.float32) * step)
+            value = float(total(x))  # both processes must take part: a collective
+            step += 1
+            print(f"step {step} {value}", flush=True)
+            time.sleep(0.05)
+    except Exception:
+        # As disco_jax.main does: the all-reduce can fail here ("connection reset by peer")
+        # a moment before the watchdog reads the closed socket; give it the chance to name
+        # the peer before the collective's own error is shown.
+        if watchdog:
+            distributed.explain_failure()
+        raise
 
 
 def free_port_pair() -> int:

@@ -95,6 +95,31 @@ def test_a_silent_peer_is_named_after_the_timeout(capsys):
     assert "error: process 1 of 2 stopped responding" in capsys.readouterr().err
 
 
+def test_an_error_in_a_collective_waits_for_the_watchdog_to_name_the_peer(capsys, monkeypatch):
+    """The race CI met: the all-reduce fails in the main thread ("connection reset by peer") a
+    moment before the watchdog reads the closed socket. `explain_failure` (main.py's handler of
+    an unexpected error) waits for the watchdog, so the peer is named, not the gloo error."""
+    watch, theirs, exits, done = make_watch(1, 2, [0])
+    watch.start()
+    monkeypatch.setattr(distributed, "_watch", watch)
+    threading.Timer(0.3, theirs[0].close).start()  # the death, noticed only after the error
+    t0 = time.monotonic()
+    distributed.explain_failure(grace_s=10.0)
+    assert exits == [distributed.EXIT_PEER_LOST] and time.monotonic() - t0 < 5.0
+    assert "error: process 0 of 2 exited or was killed" in capsys.readouterr().err
+    assert distributed._watch is None
+
+
+def test_an_error_of_our_own_is_not_delayed_past_the_grace(capsys, monkeypatch):
+    watch, theirs, exits, done = make_watch(1, 2, [0])
+    watch.start()
+    monkeypatch.setattr(distributed, "_watch", watch)
+    t0 = time.monotonic()
+    distributed.explain_failure(grace_s=0.3)  # no peer is lost: the error is this process's
+    assert exits == [] and 0.3 <= time.monotonic() - t0 < 5.0
+    assert read_lines(theirs[0], "failed")[-1] == "failed"  # peers are told, not left guessing
+
+
 def test_heartbeats_keep_a_slow_peer_alive():
     watch, theirs, exits, done = make_watch(0, 2, [1], timeout_s=0.6)
     watch.start()
