@@ -40,14 +40,16 @@ class Stepper:
     def batch(self, seed: int) -> dict[str, np.ndarray]:
         return synthetic_batch(self.config, self.method, seed)
 
-    def run(self, batches: list[dict]) -> tuple[list[dict], dict]:
-        """(the metrics of each step as floats, the final state on the host)."""
-        state, rows = self.init(), []
+    def run(self, batches: list[dict]) -> tuple[list[dict], list[dict]]:
+        """(the metrics of each step as floats, the state after each step, on the host)."""
+        state, rows, states = self.init(), [], []
         for b in batches:
             b = {k: jax.device_put(v, self.batch_sh[k]) for k, v in b.items()}
             state, metrics = self.step_fn(state, b, self.teacher_vars)
             rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-        return rows, jax.tree_util.tree_map(sharding.to_host, state)
+            # Copied (np.array, not a view of the CPU buffer) before the next step donates it.
+            states.append(jax.tree_util.tree_map(lambda x: np.array(sharding.to_host(x)), state))
+        return rows, states
 
 
 def synthetic_batch(config: Any, method: Any, seed: int) -> dict[str, np.ndarray]:
