@@ -103,10 +103,7 @@ def step_config(name: str):
         cfg.method, cfg.loss = "supervised", methods.loss_defaults("supervised")
         cfg.teacher.init = ""
     for net in ("student", "teacher"):
-        # L-MCL keeps its recipe's 3-stage ResNet-32: on a ResNet-10 its second network ends
-        # 8 vs 1 device ~2e-4 apart after two steps, 500x the reordering noise (seen here,
-        # not yet explained; see the #14 notes), which the recipe's network does not show.
-        if name != "lmcl" and net in cfg and (net == "student" or cfg[net].model in (
+        if net in cfg and (net == "student" or cfg[net].model in (
                 "resnet18", "resnet32", "resnet50")):
             # every student; the teachers that are ResNets (assigned, not `update`d: that
             # would merge the recipe's own model_kwargs into TINY's)
