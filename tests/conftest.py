@@ -29,3 +29,19 @@ def data_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tfds"))
     ensure_digits(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, so that under `-n 2` the two workers end on short tests instead of
+    one finishing a minutes-long run alone (on 2 cores the full suite spent ~5 of its 45 min
+    with one worker idle, measured). Each module's tests stay together, in their own order
+    apart from slow first, so a module-scoped fixture is built once per worker; modules with
+    more slow tests go first."""
+    def slow(item) -> bool:
+        return item.get_closest_marker("slow") is not None
+
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    ordered = sorted(modules.values(), key=lambda its: -sum(map(slow, its)))
+    items[:] = [it for its in ordered for it in sorted(its, key=lambda it: not slow(it))]
