@@ -1,11 +1,11 @@
-"""MCL: the class-balanced sampler and example index, the cohort, the three loss forms trained
-on 8 devices vs 1, and each config's smoke variant end to end."""
+"""MCL: the class-balanced sampler and example index, bad settings, and each config's smoke
+variant end to end on 1 device (the three loss forms' steps on 8 devices vs 1:
+tests/test_steps.py)."""
 
 from __future__ import annotations
 
 import collections
 
-import jax
 import numpy as np
 import pytest
 
@@ -68,17 +68,11 @@ CONFIGS = ["mcl_cifar_resnet32x2.py", "mcl_r18x2.py", "mcl_moco_r18x2.py"]
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
-    # One straight run is the end-to-end check (train, checkpoint, export, kNN, linear). The
-    # memory-bank form (mcl_r18x2) runs it on 8 devices and again on 1 device, which must give
-    # the same loss curve (global BN, global banks): its negatives are drawn per row position,
-    # so the step-level check of tests/test_steps.py, which reorders rows, does not apply to
-    # it. The in-batch and MoCo forms are checked there on 8 devices, and run on 1 here.
-    assert jax.device_count() == 8
+    # One straight run on 1 device is the end-to-end check (train, checkpoint, export, kNN,
+    # linear); every form's step on 8 devices against 1 is in tests/test_steps.py.
     cfg = load_config(f"{name}:smoke", data_dir)
     cfg.log_every_steps = 1
-    bank = cfg.loss.form == "memory_bank"
-    if not bank:  # on 8 devices at step level: half the compile here
-        cfg.mesh.num_devices = 1
+    cfg.mesh.num_devices = 1
     results = train.run(cfg, str(tmp_path / "a"))
     assert results["step"] == 4 and np.isfinite(results["linear_top1"])
     if "classifier" in cfg.evals:  # the supervised forms: every network's own top-1
@@ -95,18 +89,6 @@ def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
     assert set(variables["params"]) == {"backbone", "head"}
     out = models.build_encoder(manifest).apply(variables, np.zeros((2, 16, 16, 3), np.float32))
     assert out["embedding"].shape == (2, 128)
-    if not bank:
-        return
-    cfg1 = load_config(f"{name}:smoke", data_dir)
-    cfg1.mesh.num_devices, cfg1.eval.enabled = 1, False
-    cfg1.log_every_steps, cfg1.stop_at_step = 1, 2
-    train.run(cfg1, str(tmp_path / "b1"))
-    b = read_metrics(str(tmp_path / "b1"))
-    # Steps 1-2 (before and after one update): later steps drift apart by float32 reduction
-    # order amplified by lr 0.1 on this 16-px, width-0.25 student (0.5% at step 4, measured).
-    for key in terms:
-        np.testing.assert_allclose([r[key] for r in a[:2]], [r[key] for r in b], rtol=1e-4,
-                                   atol=1e-5, err_msg=key)
 
 
 def _smoke(name, data_dir, **overrides):
