@@ -141,7 +141,8 @@ def test_disco_smoke_configs_run_end_to_end(tmp_path, data_dir, spec):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "spec", ["seed_effb0.py:smoke", "seed_r18.py:smoke", "seed_multicrop_effb0.py:smoke"])
+    "spec", ["seed_effb0.py:smoke", "seed_r18.py:smoke", "seed_multicrop_effb0.py:smoke",
+             "seed_mbv3.py:smoke"])
 def test_seed_smoke_configs_run_end_to_end(tmp_path, data_dir, spec):
     res = train.run(smoke_config(spec, data_dir), str(tmp_path))
     assert res["step"] == 2

@@ -34,8 +34,17 @@ def teacher_dir(tmp_path_factory, data_dir):
     return os.path.join(workdir, "encoder")
 
 
+# The networks of the SEED runs here: what is under test is the run (checkpoints, resume, the
+# queue), not the networks; ResNet-10s compile in a fraction of the time of the recipe's
+# MobileNetV3 and ResNet-50 (seed_mbv3:smoke itself: tests/test_methods_disco.py). The same
+# overrides on the command line for the run in a fresh process.
+SEED_NETS = {"student.model": "resnet10", "teacher.model": "resnet10"}
+SEED_NET_FLAGS = [f"--config.{k}={v}" for k, v in SEED_NETS.items()]
+
+
 def seed_config(data_dir, **overrides):
     cfg = load_config("seed_mbv3.py:smoke", data_dir)  # its own untrained teacher, no flag
+    override(cfg, **SEED_NETS)
     cfg.total_steps = 4
     cfg.checkpoint_every_steps = 2
     cfg.log_every_steps = 1
@@ -80,10 +89,10 @@ def _recording(stream, calls: list):
 @pytest.mark.slow
 def test_seed_run_checkpoints_its_sharded_queue_of_teacher_embeddings(tmp_path, data_dir,
                                                                       monkeypatch):
-    """seed_mbv3:smoke, 3 steps on 8 devices, end to end: the queue is trained and checkpointed
-    sharded, the frozen teacher is not re-saved, and the queue holds the teacher's embeddings of
-    the batches the stream gave. (The step on 8 vs 1 device and its determinism are checked at
-    step level in tests/test_steps.py.)
+    """seed_mbv3:smoke with ResNet-10s (`SEED_NETS`), 3 steps on 8 devices, end to end: the queue
+    is trained and checkpointed sharded, the frozen teacher is not re-saved, and the queue holds
+    the teacher's embeddings of the batches the stream gave. (The step on 8 vs 1 device and its
+    determinism are checked at step level in tests/test_steps.py.)
 
     The teacher runs BN in inference mode, so each queue row is computed alone; 2 images per
     device pick other kernels than a whole batch on one device. The rows' float32 noise is
@@ -140,8 +149,8 @@ def test_seed_run_checkpoints_its_sharded_queue_of_teacher_embeddings(tmp_path, 
 @pytest.mark.slow
 def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir):
     straight = tmp_path / "straight"
-    # The straight run is also the seed_mbv3:smoke end-to-end check (no teacher flag: its own
-    # untrained teacher, which the CLI resume below rebuilds): the periodic online kNN
+    # The straight run is also the end-to-end check of evaluation in a run (no teacher flag:
+    # its own untrained teacher, which the CLI resume below rebuilds): the periodic online kNN
     # (an evaluator entry with its own interval), the final evaluators, eval.json, the plot.
     cfg = seed_config(data_dir)
     cfg.eval.enabled = True
@@ -167,7 +176,7 @@ def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir):
            f"--workdir={resumed}", f"--config.data.data_dir={data_dir}",
            "--config.total_steps=4", "--config.checkpoint_every_steps=2",
            "--config.log_every_steps=1",
-           "--config.eval.enabled=False"]
+           "--config.eval.enabled=False", *SEED_NET_FLAGS]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
