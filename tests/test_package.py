@@ -170,7 +170,7 @@ def test_wheel_installs_and_runs_a_packaged_recipe_by_name(source, tmp_path, dat
     _check_installed(python, tmp_path, data_dir, expect_under=venv)
 
 
-def test_editable_install_runs_a_recipe_by_name(source, tmp_path, data_dir):
+def test_editable_install_finds_a_recipe_by_name(source, tmp_path, data_dir):
     venv = tmp_path / "venv"
     python = _venv(venv)
     _pip(python, "--no-build-isolation", "-e", source)
