@@ -12,7 +12,7 @@ import pytest
 from disco_jax import checkpoint, methods, models, train
 from disco_jax.data import get_source, train_dataset
 from disco_jax.errors import ConfigError
-from tests.helpers import load_config, read_metrics
+from tests.helpers import load_config, read_metrics, tiny_nets
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,8 @@ def test_smoke_config_runs_end_to_end(tmp_path, data_dir, name):
     # One straight run on 1 device is the end-to-end check (train, checkpoint, export, kNN,
     # linear); every form's step on 8 devices against 1 is in tests/test_steps.py.
     cfg = load_config(f"{name}:smoke", data_dir)
+    if name == "mcl_moco_r18x2.py":  # ResNet-18 cohorts train with mcl_r18x2; this on TINY_NET
+        tiny_nets(cfg)
     cfg.log_every_steps = 1
     cfg.mesh.num_devices = 1
     results = train.run(cfg, str(tmp_path / "a"))

@@ -19,6 +19,7 @@ import sys
 
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -133,6 +134,8 @@ def png_outputs(nb) -> int:
 
 
 def test_quickstart_runs(tmp_path, monkeypatch, jupyter_path, data_dir):
+    """The quickstart runs `demo:smoke` through the CLI: every stage, the table, the plots. This
+    is the suite's one run of the demo (each stage's method is tested on its own elsewhere)."""
     nb = execute("quickstart", tmp_path, monkeypatch, jupyter_path, data_dir)
     out = text(nb)
     # The results table, as displayed from results.md: every stage and reference row.
@@ -141,10 +144,29 @@ def test_quickstart_runs(tmp_path, monkeypatch, jupyter_path, data_dir):
                 "| disco | disco |", "| pixels | pixels |", "| random_init | random_init |"):
         assert row in out, row
     assert "| seed | seed | resnet10 | 0.25 | resnet10 |" in out  # the smoke variant ran
-    rows = json.load(open(tmp_path / "runs" / "demo" / "results.json"))["rows"]
-    assert [r["stage"] for r in rows] == ["teacher", "baseline", "seed", "disco", "pixels",
-                                          "random_init"]
-    assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 for r in rows)
+    workdir = tmp_path / "runs" / "demo"
+    rows = {r["stage"]: r for r in json.load(open(workdir / "results.json"))["rows"]}
+    assert list(rows) == ["teacher", "baseline", "seed", "disco", "pixels", "random_init"]
+    assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100
+               for r in rows.values())
+    # A seeded row (smoke: two seeds): both runs in their own workdir, the row is the mean and
+    # sample std of their results, and the table shows the ±.
+    runs = [json.load(open(workdir / "seed" / f"seed{k}" / "results.json")) for k in (0, 1)]
+    assert rows["seed"]["seeds"] == [0, 1]
+    for m in ("knn_top1", "linear_top1"):
+        values = np.array([r[m] for r in runs])
+        np.testing.assert_allclose(rows["seed"][m], values.mean(), rtol=1e-12)
+        np.testing.assert_allclose(rows["seed"][f"{m}_std"], values.std(ddof=1), rtol=1e-9,
+                                   atol=1e-12)
+    assert "±" in open(workdir / "results.md").read().split("| seed | seed |")[1].splitlines()[0]
+    assert rows["teacher"]["seeds"] == [0] and rows["teacher"]["knn_top1_std"] == 0.0
+    # Reference rows: evaluated, not trained; random_init is the teacher's network.
+    assert rows["pixels"]["train_steps"] == rows["random_init"]["train_steps"] == 0
+    assert rows["random_init"]["backbone"] == "resnet10" and rows["pixels"]["backbone"] == "-"
+    assert os.path.exists(workdir / "pixels" / "eval.json")
+    # The suite's compilation cache (JAX_COMPILATION_CACHE_DIR, conftest; inherited by the
+    # kernel and the command) is used, not replaced by one in the workdir.
+    assert not (workdir / "compile_cache").exists()
     assert png_outputs(nb) == 3  # the curves of the teacher, SEED and DisCo runs
 
 

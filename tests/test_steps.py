@@ -36,15 +36,9 @@ import pytest
 from disco_jax import methods
 from disco_jax.methods import common
 from tests import step_util
-from tests.helpers import group_permutation, load_config, override
+from tests.helpers import group_permutation, load_config, override, tiny_nets
 
 B = 16  # every smoke recipe's global batch
-# The networks of every case: the method's math is under test here, not the network, and a
-# ResNet-10 (one basic block per stage) compiles in a fraction of the time of the smoke
-# recipes' ResNet-18/32/50 and EfficientNet. The recipes' own networks train end to end in the
-# slow tests.
-TINY = {"model": "resnet10", "model_kwargs": {"width": 0.25, "stem": "cifar"}}
-
 # (recipe, overrides, what its loss is made of: the logged terms that sum to `loss`, with
 # their weights). One case per method, plus the forms that change the step (SEED's small crops,
 # MCL's in-batch and MoCo forms). `supervised` (how an SSLD teacher is made) has no recipe of its
@@ -104,12 +98,9 @@ def step_config(name: str):
     if name == "supervised":
         cfg.method, cfg.loss = "supervised", methods.loss_defaults("supervised")
         cfg.teacher.init = ""
-    for net in ("student", "teacher"):
-        if net in cfg and (net == "student" or cfg[net].model in (
-                "resnet18", "resnet32", "resnet50")):
-            # every student; the teachers that are ResNets (assigned, not `update`d: that
-            # would merge the recipe's own model_kwargs into TINY's)
-            cfg[net].model, cfg[net].model_kwargs = TINY["model"], dict(TINY["model_kwargs"])
+    # The method's math is under test here, not the network: every student and the ResNet
+    # teachers are a tiny ResNet (`helpers.TINY_NET`).
+    tiny_nets(cfg)
     if cfg.get("student", {}).get("init"):
         cfg.student.init = ""  # ssld's finetune-from path: a fresh student here
     for key in ("jitter_p", "gray_p", "blur_p", "solarize_p"):

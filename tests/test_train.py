@@ -15,19 +15,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from disco_jax import checkpoint, config_lib, data, methods, train
-from tests.helpers import (
-    load_config,
-    override,
-    read_metrics,
-)
+from tests.helpers import TINY_NET, load_config, override, read_metrics, tiny_nets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, data_dir):
-    """A tiny MoCo-v2 teacher: configs/moco_v2_r50.py:smoke with a small ResNet-18."""
-    cfg = load_config("moco_v2_r50.py:smoke", data_dir)
+    """A tiny MoCo-v2 teacher: configs/moco_v2_r50.py:smoke on `TINY_NET` (the ResNet-50 trains
+    end to end in tests/test_methods_ssl.py, with SimCLR)."""
+    cfg = tiny_nets(load_config("moco_v2_r50.py:smoke", data_dir))
     workdir = str(tmp_path_factory.mktemp("teacher"))
     res = train.run(cfg, workdir)
     assert res["step"] == cfg.total_steps
@@ -67,7 +64,7 @@ def test_moco_v2_smoke_config_trains_checkpoints_and_evaluates(teacher_dir):
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert 0 <= results["knn_top1"] <= 100 and 0 <= results["linear_top1"] <= 100
     manifest = json.load(open(os.path.join(teacher_dir, "manifest.json")))
-    assert manifest["model"] == "resnet50" and len(manifest["fingerprint"]) == 64
+    assert manifest["model"] == TINY_NET["model"] and len(manifest["fingerprint"]) == 64
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["method"] == "moco_v2"
     rows = read_metrics(workdir)
@@ -188,41 +185,6 @@ def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir):
     la = {r["step"]: r["loss"] for r in read_metrics(str(straight))}
     lb = {r["step"]: r["loss"] for r in read_metrics(str(resumed))}
     assert la == lb
-
-
-@pytest.mark.slow
-def test_demo_smoke_runs_all_stages(tmp_path, data_dir):
-    from disco_jax import main as main_mod
-
-    cfg = load_config("demo.py:smoke", data_dir)
-    cfg.seeds = (0, 1)  # two seeds (the demo runs 3): the rows are means over seed runs
-    cfg.seeded = ("seed",)  # one seeded stage keeps the test cheap
-    summary = main_mod.run_stages(cfg, str(tmp_path))
-    stages = ["teacher", "baseline", "seed", "disco", "pixels", "random_init"]
-    assert list(summary["stages"]) == stages
-    table = json.load(open(tmp_path / "results.json"))
-    rows = {r["stage"]: r for r in table["rows"]}
-    assert list(rows) == stages
-    for row in rows.values():
-        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100
-    # The seeded row: both runs in their own workdir, mean and sample std of their results.
-    runs = [json.load(open(tmp_path / "seed" / f"seed{k}" / "results.json")) for k in (0, 1)]
-    assert rows["seed"]["seeds"] == [0, 1]
-    for m in ("knn_top1", "linear_top1"):
-        values = np.array([r[m] for r in runs])
-        np.testing.assert_allclose(rows["seed"][m], values.mean(), rtol=1e-12)
-        np.testing.assert_allclose(rows["seed"][f"{m}_std"], values.std(ddof=1), rtol=1e-9,
-                                   atol=1e-12)
-    assert rows["teacher"]["seeds"] == [0] and rows["teacher"]["knn_top1_std"] == 0.0
-    # Reference rows: evaluated, not trained; random_init is the teacher's network.
-    assert rows["pixels"]["train_steps"] == rows["random_init"]["train_steps"] == 0
-    assert rows["random_init"]["backbone"] == "resnet10" and rows["pixels"]["backbone"] == "-"
-    assert os.path.exists(tmp_path / "pixels" / "eval.json")
-    md = open(tmp_path / "results.md").read()
-    assert "| seed | seed | resnet10 | 0.25 | resnet10 |" in md  # smoke: width 0.25
-    assert "±" in md.split("| seed | seed |")[1].splitlines()[0]
-    # The suite's compilation cache (JAX_COMPILATION_CACHE_DIR, conftest) is kept, not replaced.
-    assert not (tmp_path / "compile_cache").exists()
 
 
 def test_config_arg_parsing_is_typed():
