@@ -386,7 +386,14 @@ def _assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=TOL["rtol"], atol=TOL["atol"] * scale)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# The deepest torchvision ResNets compile for ~14 s each on 2 cores: with the slow tests. Their
+# layout (torchvision's bottlenecks) is in the quick tier with resnet50 (tests/test_convert.py),
+# wide_resnet50_2 and swav_resnet50w2; what they add is the block counts.
+DEEP = ("resnet101", "resnet152")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n
+                                  for n in sorted(CASES)])
 def test_zoo_matches_torch_and_round_trips(name):
     source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
     _matches_torch_and_round_trips(name, *CASES[name], sorted(CASES).index(name), source)

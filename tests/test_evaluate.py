@@ -13,16 +13,16 @@ import pytest
 from disco_jax import evaluate, train
 from disco_jax import main as _train_cli  # noqa: F401 -- both CLIs import in one process
 from disco_jax.errors import ConfigError
-from tests.helpers import ROOT, load_config, override
+from tests.helpers import ROOT, TINY_NET, load_config, override, tiny_nets
 
 pytestmark = pytest.mark.slow  # end to end: whole runs, subprocesses
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_dir):
-    """A finished smoke run (MoCo-v2, ResNet-18 w0.25, 4 steps) and its encoder."""
-    cfg = load_config("moco_v2_r50.py:smoke", data_dir)
-    cfg.student.model = "resnet18"
+    """A finished smoke run (MoCo-v2 on `TINY_NET`, 4 steps) and its encoder. The train step is
+    tests/test_train.py's teacher's: one compile for both in the suite's cache."""
+    cfg = tiny_nets(load_config("moco_v2_r50.py:smoke", data_dir))
     cfg.eval.enabled = False
     workdir = str(tmp_path_factory.mktemp("run") / "w")
     train.run(cfg, workdir)
@@ -176,7 +176,7 @@ def test_cli_bad_value_is_one_line_exit_2(run_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def classifier_encoder(tmp_path_factory):
-    """A saved random-init ResNet-18 (w0.25) with a 10-way classifier, trained on nothing."""
+    """A saved random-init `TINY_NET` with a 10-way classifier, trained on nothing."""
     import functools
 
     import jax
@@ -185,8 +185,7 @@ def classifier_encoder(tmp_path_factory):
 
     from disco_jax import checkpoint, models
 
-    net = {"model": "resnet18", "model_kwargs": {"width": 0.25, "stem": "cifar"},
-           "head": "identity", "head_hidden": 0, "embed_dim": 128, "num_classes": 10}
+    net = {**TINY_NET, "head": "identity", "head_hidden": 0, "embed_dim": 128, "num_classes": 10}
     module = models.build_encoder(net)
     variables = jax.jit(functools.partial(module.init, train=False))(
         jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))

@@ -396,9 +396,12 @@ def test_bn_groups_cut_every_output_along_its_batch_axis():
 @pytest.mark.slow
 def test_meta_step_in_the_train_step(data_dir):
     # The whole jitted train step on a tiny network, meta step every batch (meta_freq 1):
-    # none before the first update, then one at the start of every later step.
+    # none before the first update, then one at the start of every later step. One virtual
+    # SGD step per hypergradient (the recipes' 2 double the second-order graph, a minute more
+    # of tracing and compiling here; the recursion over several steps is checked against the
+    # official one by test_meta_hypergrad_is_the_official_recursion_and_exact_is_the_chain_rule).
     cfg = methods.resolve_loss(load_config(f"{CONFIGS[0]}:smoke", data_dir))
-    cfg.loss.meta_freq, cfg.batch_size, cfg.data.image_size = 1, 8, 8
+    cfg.loss.meta_freq, cfg.loss.meta_steps, cfg.batch_size, cfg.data.image_size = 1, 1, 8, 8
     method, student = methods.get("lmcl"), _tiny_cohort()
     schedule = optim.lr_schedule(base_lr=0.1, global_batch=8, steps_per_epoch=3, total_steps=6,
                                  scale_with_batch=False)
