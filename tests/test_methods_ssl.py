@@ -34,8 +34,11 @@ def flat(tree):
 def ssld_run(tmp_path_factory, data_dir):
     """configs/ssld_mbv3.py:smoke through main.run_stages, no teacher flag (an untrained
     10-class teacher): SSLD on digits + an extra source, SSLD fine-tune from the distilled
-    encoder."""
+    encoder. Both networks of both stages on `TINY_NET` (the recipe's smoke ResNet-18s: SSLD's
+    code paths are the same on any classifier)."""
     cfg = load_config("ssld_mbv3.py:smoke", data_dir)
+    for name in cfg.stage_order:
+        tiny_nets(cfg.stages[name], teachers=None)
     workdir = str(tmp_path_factory.mktemp("ssld"))
     summary = main.run_stages(cfg, workdir)
     return cfg, workdir, summary

@@ -19,7 +19,6 @@ import sys
 
 import nbclient
 import nbformat
-import numpy as np
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -149,16 +148,11 @@ def test_quickstart_runs(tmp_path, monkeypatch, jupyter_path, data_dir):
     assert list(rows) == ["teacher", "baseline", "seed", "disco", "pixels", "random_init"]
     assert all(0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100
                for r in rows.values())
-    # A seeded row (smoke: two seeds): both runs in their own workdir, the row is the mean and
-    # sample std of their results, and the table shows the ±.
-    runs = [json.load(open(workdir / "seed" / f"seed{k}" / "results.json")) for k in (0, 1)]
-    assert rows["seed"]["seeds"] == [0, 1]
-    for m in ("knn_top1", "linear_top1"):
-        values = np.array([r[m] for r in runs])
-        np.testing.assert_allclose(rows["seed"][m], values.mean(), rtol=1e-12)
-        np.testing.assert_allclose(rows["seed"][f"{m}_std"], values.std(ddof=1), rtol=1e-9,
-                                   atol=1e-12)
-    assert "±" in open(workdir / "results.md").read().split("| seed | seed |")[1].splitlines()[0]
+    # The student rows ran in DIR/<stage>/seed0 (one seed in smoke; several seeds' means and
+    # stds: tests/test_train.py::test_run_stages_runs_each_seed_in_its_own_dir_and_averages).
+    for stage in ("baseline", "seed", "disco"):
+        assert rows[stage]["seeds"] == [0]
+        assert os.path.exists(workdir / stage / "seed0" / "results.json"), stage
     assert rows["teacher"]["seeds"] == [0] and rows["teacher"]["knn_top1_std"] == 0.0
     # Reference rows: evaluated, not trained; random_init is the teacher's network.
     assert rows["pixels"]["train_steps"] == rows["random_init"]["train_steps"] == 0

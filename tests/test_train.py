@@ -187,6 +187,56 @@ def test_resume_in_a_fresh_process_equals_straight_run(tmp_path, data_dir):
     assert la == lb
 
 
+def test_run_stages_runs_each_seed_in_its_own_dir_and_averages(tmp_path, monkeypatch):
+    """`main.run_stages` on demo:smoke with two seeds and every run replaced by a fake (nothing
+    compiles; the demo itself runs end to end in tests/test_notebooks.py): the seeded stages run
+    once per seed in DIR/<stage>/seed<k> with that seed, the others once in DIR/<stage>, a later
+    stage reads the teacher from the workdir, and each row is the mean and sample std of its
+    runs, the table showing the ±."""
+    from disco_jax import baselines
+    from disco_jax import main as main_mod
+
+    cfg = load_config("demo.py:smoke")
+    cfg.seeds = (0, 1)
+    calls = []
+
+    def fake_run(stage, workdir, extra_actions=()):
+        calls.append((os.path.relpath(workdir, tmp_path), stage.seed, stage.teacher.init))
+        os.makedirs(workdir)
+        k = stage.seed  # the results of a run depend on its seed
+        return {"step": stage.total_steps, "knn_top1": 50.0 + 3 * k, "linear_top1": 60.0 - k}
+
+    def fake_baseline(kind, stage, workdir):
+        return {"step": 0, "knn_top1": 10.0, "linear_top1": 20.0}
+
+    monkeypatch.setattr(train, "run", fake_run)
+    monkeypatch.setattr(baselines, "evaluate", fake_baseline)
+    summary = main_mod.run_stages(cfg, str(tmp_path))
+    teacher_enc = os.path.join(str(tmp_path.absolute()), "teacher", "encoder")
+    seed0 = cfg.stages["teacher"].seed
+    assert calls == [("teacher", seed0, ""),
+                     (os.path.join("baseline", "seed0"), 0, ""),
+                     (os.path.join("baseline", "seed1"), 1, ""),
+                     (os.path.join("seed", "seed0"), 0, teacher_enc),
+                     (os.path.join("seed", "seed1"), 1, teacher_enc),
+                     (os.path.join("disco", "seed0"), 0, teacher_enc),
+                     (os.path.join("disco", "seed1"), 1, teacher_enc)]
+    assert list(summary["stages"]) == ["teacher", "baseline", "seed", "disco", "pixels",
+                                       "random_init"]
+    rows = {r["stage"]: r for r in json.load(open(tmp_path / "results.json"))["rows"]}
+    for stage in ("baseline", "seed", "disco"):
+        row = rows[stage]
+        assert row["seeds"] == [0, 1] and row["train_steps"] == cfg.stages[stage].total_steps
+        # mean and sample std (n - 1) of (50, 53) and (60, 59), against numpy
+        for m, values in (("knn_top1", [50.0, 53.0]), ("linear_top1", [60.0, 59.0])):
+            np.testing.assert_allclose(row[m], np.mean(values), rtol=1e-12)
+            np.testing.assert_allclose(row[f"{m}_std"], np.std(values, ddof=1), rtol=1e-12)
+    assert rows["teacher"]["seeds"] == [seed0] and rows["teacher"]["knn_top1_std"] == 0.0
+    assert rows["pixels"]["knn_top1"] == 10.0 and rows["pixels"]["backbone"] == "-"
+    md = open(tmp_path / "results.md").read()
+    assert "| seed | seed | resnet10 | 0.25 | resnet10 | 51.50 ± 2.12 |" in md
+
+
 def test_config_arg_parsing_is_typed():
     cfg = config_lib.parse_arg("smoke,epochs=3", smoke=False, epochs=30)
     assert cfg.smoke is True and cfg.epochs == 3
