@@ -43,8 +43,8 @@ def override(cfg, **dotted):
 # A stand-in network for runs whose subject is the method, the run or the pipeline rather than
 # the network: a ResNet-10 (one basic block per stage) at width 0.25 with the CIFAR stem
 # compiles in a fraction of the time of the recipes' ResNet-18/32/50, EfficientNet and
-# MobileNetV3 (each of which trains end to end in at least one slow test; models on their own
-# in tests/test_models*.py).
+# MobileNetV3. Where each of those trains instead (end to end, or a step at model level in
+# tests/test_models*.py): README, "Install and run the tests".
 TINY_NET = {"model": "resnet10", "model_kwargs": {"width": 0.25, "stem": "cifar"}}
 RESNETS = ("resnet18", "resnet32", "resnet34", "resnet50")
 
