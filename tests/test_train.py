@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, data_dir):
-    """A tiny MoCo-v2 teacher: configs/moco_v2_r50.py:smoke on `TINY_NET` (the ResNet-50 trains
-    end to end in tests/test_methods_ssl.py, with SimCLR)."""
+    """A tiny MoCo-v2 teacher: configs/moco_v2_r50.py:smoke on `TINY_NET` (the ResNet-50 takes a
+    train step in tests/test_models.py; README, "Install and run the tests")."""
     cfg = tiny_nets(load_config("moco_v2_r50.py:smoke", data_dir))
     workdir = str(tmp_path_factory.mktemp("teacher"))
     res = train.run(cfg, workdir)
