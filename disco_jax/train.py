@@ -77,9 +77,15 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     if method.NEEDS_TEACHER and config.teacher.get("init") == checkpoint.RANDOM_INIT:
         check_random_teacher(config)  # first: a full recipe is refused wherever it runs
     sharding.check_batch(config.batch_size, mesh)
-    source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
+    # The checks of the config alone first: they need no TensorFlow (seconds to import), so a
+    # mistyped option fails at once.
     resilience.NonFiniteGuard(config.get("nonfinite", "stop"))  # validates the option
     data_shards(config)
+    method.validate(config)
+    optim.validate(config.optimizer)
+    data.validate(config.data, config.augment)  # crops, normalisation, augmentation options
+    compute_dtype(config.dtype)
+    source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
     for split, needed in ((config.data.train_split, True),
                           (config.data.eval_split, config.eval.enabled)):
         if needed and source.num_examples(split) == 0:
@@ -90,10 +96,6 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
             f"split {config.data.train_split!r} has fewer examples than one global batch"
             f" ({config.batch_size})"
         )
-    method.validate(config)
-    optim.validate(config.optimizer)
-    data.validate(config.data, config.augment)  # crops, normalisation, augmentation options
-    compute_dtype(config.dtype)
     evaluation.validate(config.evals, eval_env(config, method, mesh, workdir=""))
     for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
         # Unknown names and options fail here, before anything is traced.
