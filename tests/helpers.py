@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,23 @@ def tiny_nets(cfg, teachers: tuple[str, ...] | None = RESNETS):
             continue
         cfg[net].model, cfg[net].model_kwargs = TINY_NET["model"], dict(TINY_NET["model_kwargs"])
     return cfg
+
+
+# The larger members of a model family: the code of a smaller member in the same tier, with other
+# block counts, widths or channel lists. The quick tier (`-m "not slow"`) checks each family on
+# its smaller members, the full run on every member (`sizes`).
+LARGER_SIZES = frozenset({
+    "resnet101", "resnet152", "resnet56", "wrn_40_2", "wrn_28_4", "swav_resnet50w4",
+    "swav_resnet50w5", "efficientnet_b1", "timm_efficientnet_b1", "seed_efficientnet_b1",
+    "mobilenet_v3_large", "mobilenetv3_large_100", "seed_mobilenetv3_large",
+})
+
+
+def sizes(names, model=lambda name: name) -> list:
+    """`names` as pytest parameters, those whose `model(name)` is in `LARGER_SIZES` marked
+    slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if model(n) in LARGER_SIZES else n
+            for n in names]
 
 
 def read_metrics(workdir: str) -> list[dict]:

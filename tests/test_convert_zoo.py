@@ -35,6 +35,7 @@ from disco_jax.bench.torch_nets import (
 from disco_jax.errors import ConfigError
 from disco_jax.models import mobilenetv3
 from disco_jax.models.mobilenetv3 import make_divisible
+from tests.helpers import sizes
 from tests.test_convert import TOL, _assert_trees_equal, _image, _jit, _nhwc, randomize
 
 # ---------------------------------------------------------------- torch references: ResNets
@@ -386,14 +387,10 @@ def _assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=TOL["rtol"], atol=TOL["atol"] * scale)
 
 
-# The deepest torchvision ResNets compile for ~14 s each on 2 cores: with the slow tests. Their
-# layout (torchvision's bottlenecks) is in the quick tier with resnet50 (tests/test_convert.py),
-# wide_resnet50_2 and swav_resnet50w2; what they add is the block counts.
-DEEP = ("resnet101", "resnet152")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n
-                                  for n in sorted(CASES)])
+# The larger members of each family (helpers.LARGER_SIZES: ResNet-101/152, the B1s, the large
+# MobileNets, SwAV's w4/w5, ...) with the slow tests; the quick tier converts their smaller
+# members, the same layouts with other block counts and widths.
+@pytest.mark.parametrize("name", sizes(sorted(CASES)))
 def test_zoo_matches_torch_and_round_trips(name):
     source = "timm" if name.startswith(("timm", "mobilenetv3")) else "torchvision"
     _matches_torch_and_round_trips(name, *CASES[name], sorted(CASES).index(name), source)
@@ -446,7 +443,8 @@ SEED_EFFICIENTNET_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(SEED_EFFICIENTNET_CASES))
+@pytest.mark.parametrize("case", sizes(sorted(SEED_EFFICIENTNET_CASES),
+                                        lambda case: SEED_EFFICIENTNET_CASES[case][0]))
 def test_seed_efficientnet_matches_torch_and_round_trips(case):
     name, build, kwargs, size, seed = SEED_EFFICIENTNET_CASES[case]
     kwargs = {"width": 0.25, **kwargs}

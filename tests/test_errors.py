@@ -87,32 +87,8 @@ def test_cli_official_seed_recipe_without_imagenet_says_how_to_prepare(tmp_path)
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.no_such_field=1", "no_such_field"),
-    ("--config.batch_size=abc", "--config.batch_size=abc: invalid literal for int()"),
-    ("--config.optimizer.base_lr=fast", "base_lr=fast: could not convert string to float"),
-])
-def test_cli_unknown_key_or_malformed_value_fails(tmp_path, override, message):
-    proc = _cli("--config=configs/seed_mbv3.py:smoke", f"--workdir={tmp_path / 'w'}", override)
-    assert proc.returncode != 0 and message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "w").exists()
-
-
-@pytest.mark.parametrize("config, message", [
-    ("configs/no_such.py", "error: --config=configs/no_such.py: [Errno 2] No such file"),
-    ("configs/seed_mbv3.py:smok", "unknown config argument 'smok' in 'smok'; this config takes:"
-                                  " smoke=False"),
-    ("configs/mcl_cifar_resnet32x2.py:smoke,m=four", "config argument m='four' is not an"
-                                                     " integer"),
-])
-def test_cli_bad_config_file_or_variant_is_one_line(tmp_path, config, message):
-    proc = _cli(f"--config={config}", f"--workdir={tmp_path / 'w'}")
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "w").exists()
+# Unknown fields, malformed values and bad config files or variants on the command line:
+# tests/test_cli.py (`test_main_bad_input_exits_2`, `test_unknown_field_names_it_and_the_...`).
 
 
 # ------------------------------------------------------------------ teachers, workdirs, data

@@ -16,7 +16,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
-from tests.helpers import load_config, random_variables
+from tests.helpers import load_config, random_variables, sizes
 
 # torchvision 1000-class parameter counts (parameters only, no BN buffers).
 TORCHVISION_PARAMS = {
@@ -81,7 +81,7 @@ def test_registry_lists_every_architecture():
                                           "mlp_bn_out"]
 
 
-@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+@pytest.mark.parametrize("name", sizes(sorted(TORCHVISION_PARAMS)))
 def test_param_count_and_feature_dims(name):
     d = FEATURE_DIMS[name]
     model = models.create(name)

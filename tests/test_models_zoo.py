@@ -17,7 +17,7 @@ import pytest
 
 from disco_jax import models
 from disco_jax.errors import ConfigError
-from tests.helpers import load_config, random_variables
+from tests.helpers import load_config, random_variables, sizes
 from tests.test_models import TORCHVISION_PARAMS
 
 
@@ -169,7 +169,7 @@ def test_derived_counts_match_the_table():
     assert _lukemelas_efficientnet(1.1, 1000) == ZOO["seed_efficientnet_b1"][0]
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sizes(sorted(ZOO)))
 def test_param_count_feature_dims_and_headless(name):
     count, classes, d, size = ZOO[name]
     model = models.create(name, num_classes=classes)
