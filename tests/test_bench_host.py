@@ -63,6 +63,7 @@ def test_every_case_has_the_fields(full_run):
     assert aug["ms_per_batch_p90"] >= aug["ms_per_batch_median"] > 0
 
 
+@pytest.mark.slow
 def test_ratios_and_targets_follow_from_the_rates(full_run):
     _, records = full_run
     by_case = {r["case"]: r for r in records}
@@ -83,6 +84,7 @@ def test_ratios_and_targets_follow_from_the_rates(full_run):
     assert "meets_target" not in by_case["floor_2view"]
 
 
+@pytest.mark.slow
 def test_json_matches_the_records(full_run):
     out, records = full_run
     written = json.loads((out / "host_bench.json").read_text())

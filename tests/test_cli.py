@@ -33,6 +33,7 @@ def _one_error(proc: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------- unknown fields
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, field, close", [
     ("--config.batchsize=512", "batchsize", "batch_size"),
     ("--config.optimizr.base_lr=0.1", "optimizr.base_lr", "optimizer.base_lr"),
@@ -55,6 +56,7 @@ def test_unknown_field_suggestion_comes_from_the_flattened_config():
 # ------------------------------------------------------------------- every bad input: 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (("--workdir={w}",), "error: both --config and --workdir are required"),
     ((f"--config={RECIPE}",), "error: both --config and --workdir are required"),
@@ -81,6 +83,7 @@ def test_main_bad_input_exits_2(tmp_path, data_dir, args, message):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_bad_input_exits_2(tmp_path):
     # A field the evaluation config lacks: named, with the closest one.
     line = _one_error(_run("disco_jax.evaluate", f"--encoder={tmp_path}",
@@ -94,6 +97,7 @@ def test_evaluate_bad_input_exits_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_convert_bad_input_exits_2(tmp_path):
     line = _one_error(_run("disco_jax.convert", "export", str(tmp_path / "no_such_encoder"),
                            str(tmp_path / "out.pth")))

@@ -208,6 +208,7 @@ def test_moco_checkpoint_to_encoder_and_cli(tmp_path, capsys):
     _assert_trees_equal(loaded, jax.tree_util.tree_map(np.asarray, variables))
 
 
+@pytest.mark.slow
 def test_cli_torchvision_drops_classifier_and_errors(tmp_path, capsys):
     tmodel = randomize(ResNet(BasicBlock, (2, 2, 2, 2), 10, width=0.25, stem="cifar"), seed=4)
     path = str(tmp_path / "sup.pth")

@@ -75,6 +75,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_official_seed_recipe_without_imagenet_says_how_to_prepare(tmp_path):
     empty = tmp_path / "tfds"
     empty.mkdir()

@@ -151,6 +151,7 @@ def test_write_imagenet_options_and_idempotence(tmp_path):
     assert sorted(os.listdir(d)) == ["imagenet2012", "imagenet2012_subset"]  # no temp dirs
 
 
+@pytest.mark.slow
 def test_imagenet_is_read_by_a_fresh_process(imagenet_data_dir):
     # Real files, not an in-process mock: another interpreter's registered builders read them
     # (plain TFDS, the reader's own call, without importing jax: keeps this test cheap).

@@ -77,6 +77,7 @@ def test_random_teacher_on_a_full_recipe_is_refused_unless_forced(name, data_dir
     assert not {"variant", "force_random_teacher"} & set(resilience.trajectory_config(cfg))
 
 
+@pytest.mark.slow
 def test_cli_random_teacher_on_a_full_recipe_exits_2_naming_the_flag(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "disco_jax.main", "--config=configs/seed_r18.py",

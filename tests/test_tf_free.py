@@ -117,6 +117,7 @@ def test_core_imports_and_runs_a_train_step_without_tensorflow():
     assert out["step"] == 1 and math.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 def test_importing_the_core_does_not_start_tensorflow():
     # TF installed and importable: still nobody imports it (no TF start-up for the core).
     out = _run("import json, sys\n" + _IMPORT_ALL + _REPORT)

@@ -49,6 +49,7 @@ def boom(step, state):
         raise RuntimeError("boom at step 1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["nonfinite", "error", "preempted"])
 def test_every_ending_closes_the_writers_and_the_checkpoint_manager(tmp_path, data_dir, teachers,
                                                                     tracked, ending):
