@@ -85,6 +85,9 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
     optim.validate(config.optimizer)
     data.validate(config.data, config.augment)  # crops, normalisation, augmentation options
     compute_dtype(config.dtype)
+    for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
+        # Unknown names and options fail here, before anything is traced.
+        models.build_encoder(config[net])
     source = data.get_source(config.data)  # an unknown or unprepared dataset fails here
     for split, needed in ((config.data.train_split, True),
                           (config.data.eval_split, config.eval.enabled)):
@@ -97,9 +100,6 @@ def validate(config: Any, method: Any, mesh: jax.sharding.Mesh) -> tuple[Any, di
             f" ({config.batch_size})"
         )
     evaluation.validate(config.evals, eval_env(config, method, mesh, workdir=""))
-    for net in ("student",) + (("teacher",) if method.NEEDS_TEACHER else ()):
-        # Unknown names and options fail here, before anything is traced.
-        models.build_encoder(config[net])
     teacher_manifest = None
     if method.NEEDS_TEACHER:
         if not config.teacher.init:

@@ -54,6 +54,24 @@ def test_bad_input_gives_one_clear_error(cfg, tmp_path, key, value, message):
     assert not workdir.exists()  # nothing was written
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("queue_size", 60, r"queue size 60"), ("student.model", "resnet11", r"unknown model"),
+    ("optimizer.base_lr", 0.0, r"base_lr must be positive"), ("dtype", "float8", r"float8")])
+def test_the_config_is_checked_before_the_dataset(cfg, tmp_path, monkeypatch, key, value,
+                                                  message):
+    """A bad option fails before the dataset is looked up (the lookup imports TensorFlow, seconds
+    on a small machine): with an unknown dataset too, the option's error is the one raised."""
+    from disco_jax import data
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the dataset was looked up before the config's own checks")
+
+    monkeypatch.setattr(data, "get_source", no_lookup)
+    override(cfg, **{key: value, "data.name": "no_such_dataset"})
+    with pytest.raises(ConfigError, match=message):
+        train.run(cfg, str(tmp_path / "w"))
+
+
 def test_missing_teacher_checkpoint(cfg, tmp_path):
     with pytest.raises(ConfigError, match="teacher checkpoint .*no_such_teacher.* not found"):
         train.run(cfg, str(tmp_path / "w"))
