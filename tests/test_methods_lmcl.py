@@ -27,7 +27,7 @@ from disco_jax.models.lmcl import (
     aux_plan,
     build_lmcl_cohort,
 )
-from tests.helpers import load_config, read_metrics
+from tests.helpers import TINY_NET, load_config, read_metrics, tiny_nets
 
 # float32 logits z_a.z_b / tau of unit vectors carry at most ~D * 2^-24 / tau absolute error
 # (D = 16, tau = 0.1: 1e-5), and so do the log-softmax rows built from them; every term is a
@@ -325,12 +325,18 @@ def test_auxiliary_branches_copy_the_official_blocks():
 CONFIGS = ["lmcl_cifar_resnet32x2.py", "lmcl_r34x2.py"]
 
 
-# The in-batch form end to end, on its own CIFAR ResNet-32 pair. The memory-bank form
-# (lmcl_r34x2) at step level (tests/test_steps.py, "lmcl_bank", and its 8-vs-1-device test): its
-# run would check what this one and MCL's memory-bank run (tests/test_methods_mcl.py) check.
+# The in-batch form end to end: the CIFAR recipe's run (data, schedule, loss, evaluator, export)
+# on `TINY_NET` pairs, whose 4 stages give 4 heads and 3 auxiliary branches per network. Its
+# ResNet-32 pair (15 blocks and 15 auxiliary blocks per network against 4 and 6) compiled for
+# ~50 s more on 2 cores; an L-MCL cohort of CIFAR ResNets trains at step level here
+# (test_meta_step_in_the_train_step, test_bn_groups_cut_every_output_along_its_batch_axis) and
+# the ResNet-32 at model level (tests/test_models_zoo.py). The memory-bank form (lmcl_r34x2) at
+# step level (tests/test_steps.py, "lmcl_bank", and its 8-vs-1-device test): its run would
+# check what this one and MCL's memory-bank run (tests/test_methods_mcl.py) check.
 @pytest.mark.slow
 def test_smoke_config_runs_end_to_end(tmp_path, data_dir):
-    cfg = load_config(f"{CONFIGS[0]}:smoke", data_dir)
+    cfg = tiny_nets(load_config(f"{CONFIGS[0]}:smoke", data_dir))
+    assert cfg.student.model == TINY_NET["model"] and cfg.student.head == "mcl_embed"
     cfg.log_every_steps = 1
     cfg.mesh.num_devices = 1  # the step on 8 devices: tests/test_steps.py (half the compile)
     # Only the classifier (kNN and the probe extract the train split through the whole cohort:
@@ -360,7 +366,7 @@ def test_smoke_config_runs_end_to_end(tmp_path, data_dir):
         assert 0.0 < r["pair_weight"] < 1.0
     assert rows[-1]["loss"] != rows[0]["loss"]
     ev = results["evals"]  # eval_heads="all": every (network, stage) head
-    n_heads = c.num_nets * 3  # a head per stage of each network (a CIFAR ResNet has 3)
+    n_heads = c.num_nets * 4  # a head per stage of each network (a ResNet-10 has 4)
     heads = [ev[f"classifier/net{k}_top1"] for k in range(n_heads)]
     assert ev["classifier/top1"] == max(heads) and f"classifier/net{n_heads}_top1" not in ev
     # The export is network 0 as a plain encoder: it rebuilds and runs without the cohort.
