@@ -93,6 +93,9 @@ def test_knn_evaluator_matches_numpy_over_the_k_sweep(encoder, data_dir, tmp_pat
     assert rec["version"] == 1 and rec["settings"]["temp"] == 0.07
 
 
+# Slow, as the other 8-vs-1 tests: kNN's own 8-vs-1 and NumPy checks on synthetic features are
+# quick (tests/test_knn.py); this one is on a real extraction (14 s of the quick tier's time).
+@pytest.mark.slow
 def test_knn_8_devices_equal_1_device(encoder, data_dir, tmp_path):
     # Same features in, the same metrics out: only where the bank lives differs.
     model8 = make_model(encoder)

@@ -1,9 +1,12 @@
 """Every method's train step at step level (tests/step_util.py: the step `train.run` jits, on
-synthetic batches, with no tf.data, orbax or evaluation). Quick: two steps of each method's
-smoke recipe train, repeat bitwise, the loss is the sum of its logged terms, and what a
-method's step must do beyond that holds (`EXTRA_CHECKS`: queue pointers, the momentum encoder,
-the signs and bounds of loss terms); on 1 device, but DisCo's on 8 (`QUICK_DEVICES`: sharded
-queue, shuffle-BN and the momentum encoder, so the quick tier runs the sharding paths too).
+synthetic batches, with no tf.data, orbax or evaluation). Two steps of each method's smoke
+recipe train, repeat bitwise, the loss is the sum of its logged terms, and what a method's step
+must do beyond that holds (`EXTRA_CHECKS`: queue pointers, the momentum encoder, the signs and
+bounds of loss terms); on 1 device, but DisCo's on 8 (`QUICK_DEVICES`: sharded queue, shuffle-BN
+and the momentum encoder, so the quick tier runs the sharding paths too). The quick tier runs
+this for one case of each distillation method (`QUICK_CASES`); the other forms and the teachers'
+methods (SEED's small crops, MCL's MoCo and memory-bank forms, MoCo v2, BYOL, SimCLR, KD,
+supervised) in the full run, where their 8-vs-1 test has compiled the same 1-device step before.
 Slow: the same two steps on 8 devices equal two steps on 1 device up to this CPU's float32
 noise, measured in the same test: step 1 and the state after it in full, step 2's losses and
 queues (`STEP2_GRADIENT_DERIVED`).
@@ -161,10 +164,14 @@ def _queue_rows(state: dict, name: str, perm: np.ndarray | None) -> np.ndarray:
 QUICK_DEVICES = {"disco": 8}
 
 
-# L-MCL's step is in the quick tier as "lmcl"; its memory-bank form (ResNet-34 pair's recipe,
-# the meta step's schedule) compiles for ~1 min more on 2 cores, so it runs with the slow tests.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "lmcl_bank"
-                                  else n for n in CASES])
+# The quick tier's cases: one per distillation method. Each other case is a form of one of these
+# (the same module, another option) or a teacher's method; their eight tests took 128 s of the
+# quick tier's time summed over both workers (2 cores, cold cache, a run of 8 min 4 s).
+QUICK_CASES = ("seed", "disco", "mcl_in_batch", "lmcl", "ssld")
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_CASES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CASES])
 def test_two_steps_train_repeat_bitwise_and_the_loss_is_its_terms(name, monkeypatch):
     """Two steps on `QUICK_DEVICES` devices: finite, the step counter moved, the loss is the
     sum of its logged terms, the method's own checks hold, and a second run from the same state
