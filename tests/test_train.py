@@ -33,9 +33,9 @@ def teacher_dir(tmp_path_factory, data_dir):
 
 # The networks of the SEED runs here: what is under test is the run (checkpoints, resume, the
 # queue), not the networks; ResNet-10s compile in a fraction of the time of the recipe's
-# MobileNetV3 and ResNet-50 (MobileNetV3 trains end to end with disco_mbv3, SEED's runs on their
-# recipes are in tests/test_methods_disco.py). The same overrides on the command line for the
-# run in a fresh process.
+# MobileNetV3 and ResNet-50 (MobileNetV3 takes its train step at model level in
+# tests/test_models.py, SEED's runs on their recipes are in tests/test_methods_disco.py). The
+# same overrides on the command line for the run in a fresh process.
 SEED_NETS = {"student.model": "resnet10", "teacher.model": "resnet10"}
 SEED_NET_FLAGS = [f"--config.{k}={v}" for k, v in SEED_NETS.items()]
 
