@@ -72,11 +72,15 @@ LARGER_SIZES = frozenset({
 })
 
 
+def slow_where(names, slow) -> list:
+    """`names` as pytest parameters, those for which `slow(name)` holds marked slow."""
+    return [pytest.param(n, marks=pytest.mark.slow) if slow(n) else n for n in names]
+
+
 def sizes(names, model=lambda name: name) -> list:
     """`names` as pytest parameters, those whose `model(name)` is in `LARGER_SIZES` marked
     slow."""
-    return [pytest.param(n, marks=pytest.mark.slow) if model(n) in LARGER_SIZES else n
-            for n in names]
+    return slow_where(names, lambda n: model(n) in LARGER_SIZES)
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -5,8 +5,8 @@ must do beyond that holds (`EXTRA_CHECKS`: queue pointers, the momentum encoder,
 bounds of loss terms); on 1 device, but DisCo's on 8 (`QUICK_DEVICES`: sharded queue, shuffle-BN
 and the momentum encoder, so the quick tier runs the sharding paths too). The quick tier runs
 this for one case of each distillation method (`QUICK_CASES`); the other forms and the teachers'
-methods (SEED's small crops, MCL's MoCo and memory-bank forms, MoCo v2, BYOL, SimCLR, KD,
-supervised) in the full run, where their 8-vs-1 test has compiled the same 1-device step before.
+methods (SEED's small crops, MCL's MoCo and memory-bank forms, L-MCL's memory-bank form, MoCo v2,
+BYOL, SimCLR, KD, supervised) in the full run only.
 Slow: the same two steps on 8 devices equal two steps on 1 device up to this CPU's float32
 noise, measured in the same test: step 1 and the state after it in full, step 2's losses and
 queues (`STEP2_GRADIENT_DERIVED`).
@@ -41,7 +41,7 @@ import pytest
 from disco_jax import methods
 from disco_jax.methods import common
 from tests import step_util
-from tests.helpers import group_permutation, load_config, override, tiny_nets
+from tests.helpers import group_permutation, load_config, override, slow_where, tiny_nets
 
 B = 16  # every smoke recipe's global batch
 # (recipe, overrides, what its loss is made of: the logged terms that sum to `loss`, with
@@ -170,8 +170,7 @@ QUICK_DEVICES = {"disco": 8}
 QUICK_CASES = ("seed", "disco", "mcl_in_batch", "lmcl", "ssld")
 
 
-@pytest.mark.parametrize("name", [n if n in QUICK_CASES else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in CASES])
+@pytest.mark.parametrize("name", slow_where(CASES, lambda n: n not in QUICK_CASES))
 def test_two_steps_train_repeat_bitwise_and_the_loss_is_its_terms(name, monkeypatch):
     """Two steps on `QUICK_DEVICES` devices: finite, the step counter moved, the loss is the
     sum of its logged terms, the method's own checks hold, and a second run from the same state
