@@ -299,6 +299,12 @@ CASES = {
         5,
         32,
     ),
+    "resnet8": (
+        lambda: ResNetRef(BasicBlock, (1, 1, 1), 7, 8, "cifar", "classifier"),
+        {"width": 0.5},
+        7,
+        16,
+    ),
     "resnet32": (
         lambda: ResNetRef(BasicBlock, (5, 5, 5), 7, 8, "cifar", "classifier"),
         {"width": 0.5},

@@ -142,13 +142,13 @@ def test_teacher_of_the_wrong_architecture(tmp_path, data_dir, good_teacher):
     bad = tmp_path / "wide"
     shutil.copytree(good_teacher, bad)
     manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["model_kwargs"]["width"] = 0.25  # the weights are of a width-0.125 ResNet-10
+    manifest["model_kwargs"]["width"] = 0.25  # the weights are of a width-0.125 ResNet-8
     (bad / "manifest.json").write_text(json.dumps(manifest))
     cfg = _tiny(data_dir, str(bad))
-    _fails_untouched(cfg, tmp_path / "w", r"teacher weights in .*wide.* do not fit a 'resnet10'"
+    _fails_untouched(cfg, tmp_path / "w", r"teacher weights in .*wide.* do not fit a 'resnet8'"
                      r".*mismatched arrays")
     cfg.teacher.model = "resnet50"  # a manifest naming another model is caught before loading
-    _fails_untouched(cfg, tmp_path / "w", r"holds a 'resnet10' but teacher.model is 'resnet50'")
+    _fails_untouched(cfg, tmp_path / "w", r"holds a 'resnet8' but teacher.model is 'resnet50'")
 
 
 def test_truncated_teacher_checkpoint(tmp_path, data_dir, good_teacher):

@@ -326,13 +326,14 @@ CONFIGS = ["lmcl_cifar_resnet32x2.py", "lmcl_r34x2.py"]
 
 
 # The in-batch form end to end: the CIFAR recipe's run (data, schedule, loss, evaluator, export)
-# on `TINY_NET` pairs, whose 4 stages give 4 heads and 3 auxiliary branches per network. Its
-# ResNet-32 pair (15 blocks and 15 auxiliary blocks per network against 4 and 6) compiled for
-# ~50 s more on 2 cores; an L-MCL cohort of CIFAR ResNets trains at step level here
-# (test_meta_step_in_the_train_step, test_bn_groups_cut_every_output_along_its_batch_axis) and
-# the ResNet-32 at model level (tests/test_models_zoo.py). The memory-bank form (lmcl_r34x2) at
-# step level (tests/test_steps.py, "lmcl_bank", and its 8-vs-1-device test): its run would
-# check what this one and MCL's memory-bank run (tests/test_methods_mcl.py) check.
+# on `TINY_NET` pairs (CIFAR ResNet-8s), whose 3 stages give 3 heads and 2 auxiliary branches
+# per network. Its ResNet-32 pair (15 blocks and 15 auxiliary blocks per network against 3 and
+# 3) compiled for ~50 s more on 2 cores than a ResNet-10 pair did; an L-MCL cohort of CIFAR
+# ResNets trains at step level here (test_meta_step_in_the_train_step,
+# test_bn_groups_cut_every_output_along_its_batch_axis) and the ResNet-32 at model level
+# (tests/test_models_zoo.py). The memory-bank form (lmcl_r34x2) at step level
+# (tests/test_steps.py, "lmcl_bank", and its 8-vs-1-device test): its run would check what this
+# one and MCL's memory-bank run (tests/test_methods_mcl.py) check.
 @pytest.mark.slow
 def test_smoke_config_runs_end_to_end(tmp_path, data_dir):
     cfg = tiny_nets(load_config(f"{CONFIGS[0]}:smoke", data_dir))
@@ -366,7 +367,7 @@ def test_smoke_config_runs_end_to_end(tmp_path, data_dir):
         assert 0.0 < r["pair_weight"] < 1.0
     assert rows[-1]["loss"] != rows[0]["loss"]
     ev = results["evals"]  # eval_heads="all": every (network, stage) head
-    n_heads = c.num_nets * 4  # a head per stage of each network (a ResNet-10 has 4)
+    n_heads = c.num_nets * 3  # a head per stage of each network (a CIFAR ResNet-8 has 3)
     heads = [ev[f"classifier/net{k}_top1"] for k in range(n_heads)]
     assert ev["classifier/top1"] == max(heads) and f"classifier/net{n_heads}_top1" not in ev
     # The export is network 0 as a plain encoder: it rebuilds and runs without the cohort.

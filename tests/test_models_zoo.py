@@ -94,8 +94,8 @@ def _lukemelas_efficientnet(depth_mult: float, classes: int) -> int:
 # equal torchvision's 5,483,032 / 2,542,856 (timm reports 5.48M / 2.54M); SwAV RN50-wN widens
 # every layer of ResNet-50 by N (backbone 93.9M for w2, SwAV README: 94M / 375M / 586M) plus a
 # 1000-class fc; MCL's CIFAR nets are counted with their natural 100 classes (CIFAR-100):
-# resnet32 0.47M, resnet56 0.86M, resnet110 (bottleneck) 1.17M, WRN-16-2 0.70M, WRN-40-2 2.26M,
-# WRN-28-4 5.87M.
+# resnet8 0.08M, resnet32 0.47M, resnet56 0.86M, resnet110 (bottleneck) 1.17M, WRN-16-2 0.70M,
+# WRN-40-2 2.26M, WRN-28-4 5.87M.
 ZOO = {
     # torchvision's resnet18 (11,689,512) less its second basic block in each stage
     # (73,984 + 295,424 + 1,180,672 + 4,720,640 parameters).
@@ -118,6 +118,7 @@ ZOO = {
     "swav_resnet50w2": (98_004_072, 1000, 4096, 224),
     "swav_resnet50w4": (383_571_176, 1000, 8192, 224),
     "swav_resnet50w5": (596_691_240, 1000, 10240, 224),
+    "resnet8": (83_892, 100, 64, 32),
     "resnet32": (472_756, 100, 64, 32),
     "resnet56": (861_620, 100, 64, 32),
     "resnet110": (1_170_868, 100, 256, 32),
@@ -159,6 +160,7 @@ def test_derived_counts_match_the_table():
         counted = _bottleneck_resnet(64 * w, (3, 4, 6, 3), 1, 1000, 7)
         assert counted == ZOO[f"swav_resnet50w{w}"][0]
     assert _bottleneck_resnet(64 * 2, (3, 4, 6, 3), 1, 0, 7) == 93_907_072  # perf.md: 93.9M
+    assert _basic_cifar_resnet(1, 100) == ZOO["resnet8"][0]
     assert _basic_cifar_resnet(5, 100) == ZOO["resnet32"][0]
     assert _basic_cifar_resnet(9, 100) == ZOO["resnet56"][0]
     assert _bottleneck_resnet(16, (12, 12, 12), 1, 100, 3) == ZOO["resnet110"][0]

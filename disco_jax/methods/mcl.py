@@ -112,7 +112,7 @@ def validate(config: Any) -> None:
             raise ConfigError(f"loss.shared_stem needs loss.num_nets >= 3 (the official code"
                               f" shares only for M >= 3), got {cfg.num_nets}; set it to False")
         if not shared_stem_stages(config.student):
-            raise ConfigError(f"loss.shared_stem needs a CIFAR (resnet32/56/110) or torchvision"
+            raise ConfigError(f"loss.shared_stem needs a CIFAR (resnet8/32/56/110) or torchvision"
                               f" ResNet student, got {config.student.model!r}; set it to False")
     check_positive(config, "tau", "kd_temp")
     for name, _ in TERMS:

@@ -12,7 +12,7 @@ wide_resnet50_2, MobileNetV3 and EfficientNet, SEED's for ``seed_mobilenetv3_*``
 ``seed_efficientnet_b0/b1`` (lukemelas' EfficientNet-PyTorch names), SwAV's
 (torchvision-like) for ``swav_resnet50w*``, timm's for ``mobilenetv3_*_100`` and
 ``timm_efficientnet_b0/b1`` (timm's ``efficientnet_b0/b1``, prefixed so they do not clash with
-torchvision's names), and winycg/MCL's for the CIFAR nets (``resnet32/56/110``, ``wrn_*``;
+torchvision's names), and winycg/MCL's for the CIFAR nets (``resnet8/32/56/110``, ``wrn_*``;
 32x32 inputs; pass ``num_classes=100`` for CIFAR-100, the default stays 1000). See
 each module's docstring.
 
@@ -81,6 +81,7 @@ _MODELS: dict[str, partial[nn.Module]] = {
     "seed_efficientnet_b0": efficientnet.seed_efficientnet_b0,
     "seed_efficientnet_b1": efficientnet.seed_efficientnet_b1,
     # CIFAR networks of MCL (3x3 stem, 32x32 inputs).
+    "resnet8": cifar.resnet8,
     "resnet32": cifar.resnet32,
     "resnet56": cifar.resnet56,
     "resnet110": cifar.resnet110,

@@ -4,6 +4,9 @@ All take 32x32 inputs through a 3x3/1 stem with 16 channels and have three stage
 8 px. BatchNorm is torch's default (eps 1e-5, momentum 0.1 -> Flax 0.9).
 
 - ``resnet32`` / ``resnet56``: 5 / 9 BasicBlocks per stage, widths 16, 32, 64 (64-d feature).
+  ``resnet8`` is the same net with 1 block per stage (6n + 2 layers, n = 1; not in MCL's zoo,
+  CRD's ``resnet8`` has this layout): the smallest of the family, which the tests train
+  where the network is not what they check.
 - ``resnet110``: MCL builds it from *Bottleneck* blocks, 12 per stage (9 * 12 + 2 = 110 layers),
   planes 16, 32, 64 with 4x expansion, so its feature is 256-d (not the 64-d BasicBlock net of
   He et al.). Shape changes use a 1x1 conv + BN shortcut (``downsample``), as in torchvision.
@@ -147,6 +150,7 @@ class WideResNet(nn.Module):
         return layers.classifier_output(x, features, self.num_classes, classify)
 
 
+resnet8 = partial(CifarResNet, block=BasicBlock, stage_sizes=(1, 1, 1))
 resnet32 = partial(CifarResNet, block=BasicBlock, stage_sizes=(5, 5, 5))
 resnet56 = partial(CifarResNet, block=BasicBlock, stage_sizes=(9, 9, 9))
 resnet110 = partial(CifarResNet, block=Bottleneck, stage_sizes=(12, 12, 12))

@@ -56,7 +56,7 @@ def aux_plan(backbone: nn.Module) -> tuple[type, tuple[int, ...], tuple[int, ...
         base = max(1, round(64 * backbone.width * backbone.widen))
         blocks = (1,) * len(backbone.stage_sizes)
     else:
-        raise ConfigError(f"L-MCL's auxiliary branches need a CIFAR ResNet (resnet32/56/110) or a"
+        raise ConfigError(f"L-MCL's auxiliary branches need a CIFAR ResNet (resnet8/32/56/110) or a"
                           f" torchvision ResNet student, got a {type(backbone).__name__}")
     planes = tuple(base * 2**i for i in range(len(blocks)))
     return backbone.block, planes, blocks
