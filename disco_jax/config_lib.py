@@ -93,6 +93,11 @@ def base_config(method: str = "seed") -> mlc.ConfigDict:
             "mean": augment.IMAGENET_MEAN,
             "std": augment.IMAGENET_STD,
             "shuffle_buffer": 50_000,
+            # tf.data autotuning of map parallelism and prefetch depth (TF's default). Off: a
+            # fixed parallelism of min(16, cores) and no autotuning thread, whose end a freed
+            # iterator waits for (seen: up to tens of seconds on 2 cores), which a run of
+            # seconds pays for and does not gain from (the smoke variants). Same examples.
+            "autotune": True,
             "bad_images": "error",  # image folders: corrupt/non-image files "error" or "skip"
             # Data shards the global batch is cut into; -1: one per process (each reads its
             # own). Fix it (e.g. to the largest host count) to keep the stream independent of
@@ -180,6 +185,7 @@ def smoke(c: mlc.ConfigDict) -> mlc.ConfigDict:
     c.data.train_split, c.data.eval_split = "train", "test"
     c.data.image_size = 16
     c.data.crop_scale = (0.5, 1.0)
+    c.data.autotune = False  # seconds of data: nothing to tune, and no wait when it ends
     c.batch_size = 16
     c.queue_size = 64
     c.total_epochs = -1

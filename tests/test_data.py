@@ -102,6 +102,42 @@ def test_train_is_deterministic(digits):
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
+def test_autotune_option_reaches_every_pipeline_and_changes_no_example(data_dir, digits):
+    """`data.autotune` (default on, off in the smoke variants) sets tf.data's autotuning in the
+    train and eval pipelines of the source, the evaluators' sources included; the batches are
+    the same either way."""
+    import types
+
+    import ml_collections as mlc
+
+    from disco_jax import config_lib
+    from disco_jax.eval import common
+    from tests.helpers import load_config
+
+    off = get_source({"name": "digits", "data_dir": data_dir, "autotune": False})
+    assert digits.autotune and not off.autotune
+    batches = {}
+    for source in (digits, off):
+        train = train_dataset(source, split="train", views=2, image_size=8, local_batch=32,
+                              seed=5)
+        test = eval_dataset(source, split="test", image_size=8, local_batch=32)
+        for ds in (train, test):
+            assert ds.options().autotune.enabled is source.autotune
+        batches[source.autotune] = take(train, 2) + take(test, 2)
+    assert_batches_equal(batches[True], batches[False])
+    with pytest.raises(ConfigError, match="data.autotune must be true or false, got 'no'"):
+        get_source({"name": "digits", "data_dir": data_dir, "autotune": "no"})
+    # Recipes keep TF's default; their smoke variants (seconds of data) turn it off, and an
+    # evaluator reads the run's choice, also for a dataset of its own.
+    assert config_lib.base_config().data.autotune is True
+    assert load_config("seed_r18.py").data.autotune is True
+    smoke = load_config("seed_r18.py:smoke")
+    assert smoke.data.autotune is False
+    env = types.SimpleNamespace(data=smoke.data)
+    for entry in ({}, {"data": {"name": "digits"}}):
+        assert common.data_config(mlc.ConfigDict(entry), env)["autotune"] is False
+
+
 @pytest.mark.slow
 def test_train_is_deterministic_across_processes(data_dir, digits):
     # Requirement (a): a fresh interpreter with the same seed sees the same batches.

@@ -40,9 +40,13 @@ _ALG = "philox"  # fixed, so streams do not depend on which device TF picks ("au
 _SEED_TAG = 0x5EED  # second word of the root key, so seed s and the key [s, 0] never collide
 
 
-def _options() -> tf.data.Options:
+def _options(source: DataSource) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
+    # Off (`data.autotune=False`): no autotuning thread; AUTOTUNE parallelism falls back to
+    # min(16, cores) and prefetch buffers to their defaults. The examples and their order are
+    # the same either way (deterministic).
+    options.autotune.enabled = source.autotune
     return options
 
 
@@ -232,6 +236,7 @@ def validate(data_cfg, augment_cfg=None) -> None:
         raise ConfigError(f"data.crop_padding must be an integer >= 0, got {padding!r}")
     _check_fused(data_cfg.get("fused_decode", False), train_crop)
     _check_bool("data.antialias", data_cfg.get("antialias", True))
+    _check_bool("data.autotune", data_cfg.get("autotune", True))
     augment.check_stats(data_cfg.get("mean", augment.IMAGENET_MEAN),
                         data_cfg.get("std", augment.IMAGENET_STD))
     if augment_cfg is not None:
@@ -404,7 +409,7 @@ def train_dataset(
         ds = _class_balanced_stream(base, shard, local_batch, per_class, root, start_step)
     ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(source))
 
 
 def class_balanced_ids(
@@ -518,7 +523,7 @@ def eval_dataset(
     # The total is a multiple of local_batch, so drop_remainder drops nothing; it only makes
     # the batch dimension static.
     ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(source))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class DataSource:
     _read: _ReadFn = dataclasses.field(repr=False)
     _decode: Callable[[tf.Tensor], tf.Tensor] = dataclasses.field(repr=False)
     version: str | None = None  # recorded in run_info.json (TFDS version; None for folders)
+    # tf.data autotuning (`data.autotune`) of the pipelines built on this source: what the
+    # pipeline's options read (`pipeline.train_dataset` / `eval_dataset`), not the examples.
+    autotune: bool = True
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:
@@ -362,7 +365,10 @@ def get_source(cfg: Any) -> DataSource:
     extra = _cfg_get(cfg, "extra", ())
     if extra:
         source = with_extra(source, _cfg_get(cfg, "train_split", "train"), extra, data_dir)
-    return source
+    autotune = _cfg_get(cfg, "autotune", True)
+    if not isinstance(autotune, (bool, np.bool_)):
+        raise ConfigError(f"data.autotune must be true or false, got {autotune!r}")
+    return dataclasses.replace(source, autotune=bool(autotune))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,10 +95,11 @@ def data_config(cfg: Any, env: Env) -> dict:
     own = cfg.get("data", None)
     name = own.get("name", "") if own else ""
     out = {"name": env.data.name, "data_dir": env.data.get("data_dir", None),
-           "bad_images": env.data.get("bad_images", "error")}
+           "bad_images": env.data.get("bad_images", "error"),
+           "autotune": env.data.get("autotune", True)}
     if name:
         out = {"name": name, "data_dir": own.get("data_dir", None) or out["data_dir"],
-               "bad_images": out["bad_images"]}
+               "bad_images": out["bad_images"], "autotune": out["autotune"]}
     return out
 
 
