@@ -49,18 +49,23 @@ def override(cfg, **dotted):
 # recipe network trains instead (end to end, or a step at model level in tests/test_models*.py):
 # README, "Install and run the tests".
 TINY_NET = {"model": "resnet8", "model_kwargs": {"width": 0.25}}
+# Where the number of stages is what a method builds on (L-MCL's ImageNet form: a head per stage
+# and an auxiliary branch on every stage but the last, as for its ResNet-34): the ResNet-10, one
+# basic block in each of a torchvision ResNet's 4 stages.
+TINY_NET_4_STAGES = {"model": "resnet10", "model_kwargs": {"width": 0.25, "stem": "cifar"}}
 RESNETS = ("resnet10", "resnet18", "resnet32", "resnet34", "resnet50")
 
 
-def tiny_nets(cfg, teachers: tuple[str, ...] | None = RESNETS):
-    """`cfg` with `TINY_NET` as its student, and as its teacher where the teacher's model is in
-    `teachers` (None: any). Assigned, not merged: the recipe's own model_kwargs (a MobileNet's
-    dropout, an EfficientNet's drop-connect) would not fit the ResNet. Returns `cfg`."""
+def tiny_nets(cfg, teachers: tuple[str, ...] | None = RESNETS, tiny: dict = TINY_NET):
+    """`cfg` with `tiny` (default `TINY_NET`) as its student, and as its teacher where the
+    teacher's model is in `teachers` (None: any). Assigned, not merged: the recipe's own
+    model_kwargs (a MobileNet's dropout, an EfficientNet's drop-connect) would not fit the
+    ResNet. Returns `cfg`."""
     for net in ("student", "teacher"):
         if net not in cfg or (net == "teacher" and teachers is not None
                               and cfg.teacher.model not in teachers):
             continue
-        cfg[net].model, cfg[net].model_kwargs = TINY_NET["model"], dict(TINY_NET["model_kwargs"])
+        cfg[net].model, cfg[net].model_kwargs = tiny["model"], dict(tiny["model_kwargs"])
     return cfg
 
 

@@ -41,7 +41,15 @@ import pytest
 from disco_jax import methods
 from disco_jax.methods import common
 from tests import step_util
-from tests.helpers import group_permutation, load_config, override, slow_where, tiny_nets
+from tests.helpers import (
+    TINY_NET,
+    TINY_NET_4_STAGES,
+    group_permutation,
+    load_config,
+    override,
+    slow_where,
+    tiny_nets,
+)
 
 B = 16  # every smoke recipe's global batch
 # (recipe, overrides, what its loss is made of: the logged terms that sum to `loss`, with
@@ -90,8 +98,19 @@ def _check_kd(rows, state):
     assert all(r["kd"] > 0 and r["ce"] > 0 for r in rows)
 
 
+def _lmcl_stages(n: int):
+    """L-MCL's cohort on an n-stage network: each of its 2 networks has an auxiliary branch on
+    every stage but the last, each with its own embedding head (`aux_heads_i`)."""
+    def check(rows, state):
+        for k in range(2):
+            heads = sorted(h for h in state["params"][f"net_{k}"] if h.startswith("aux_heads"))
+            assert heads == [f"aux_heads_{i}" for i in range(n - 1)]
+    return check
+
+
 # What a method's step must do beyond the common checks.
-EXTRA_CHECKS = {"disco": _check_disco, "seed_multicrop": _check_seed_multicrop, "kd": _check_kd}
+EXTRA_CHECKS = {"disco": _check_disco, "seed_multicrop": _check_seed_multicrop, "kd": _check_kd,
+                "lmcl": _lmcl_stages(3), "lmcl_bank": _lmcl_stages(4)}
 
 
 def step_config(name: str):
@@ -104,8 +123,10 @@ def step_config(name: str):
         cfg.method, cfg.loss = "supervised", methods.loss_defaults("supervised")
         cfg.teacher.init = ""
     # The method's math is under test here, not the network: every student and the ResNet
-    # teachers are a tiny ResNet (`helpers.TINY_NET`).
-    tiny_nets(cfg)
+    # teachers are a tiny ResNet (`helpers.TINY_NET`, 3 stages), but L-MCL's ImageNet form's is
+    # a 4-stage one (`helpers.TINY_NET_4_STAGES`), as its recipe's ResNet-34: 4 heads and 3
+    # auxiliary branches per network, against the CIFAR form's 3 and 2.
+    tiny_nets(cfg, tiny=TINY_NET_4_STAGES if name == "lmcl_bank" else TINY_NET)
     if cfg.get("student", {}).get("init"):
         cfg.student.init = ""  # ssld's finetune-from path: a fresh student here
     for key in ("jitter_p", "gray_p", "blur_p", "solarize_p"):
