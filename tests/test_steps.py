@@ -113,6 +113,12 @@ EXTRA_CHECKS = {"disco": _check_disco, "seed_multicrop": _check_seed_multicrop, 
                 "lmcl": _lmcl_stages(3), "lmcl_bank": _lmcl_stages(4)}
 
 
+# The stand-in network of a case: `helpers.TINY_NET` (3 stages), but a 4-stage one for L-MCL's
+# ImageNet form, as its recipe's ResNet-34: 4 heads and 3 auxiliary branches per network,
+# against the CIFAR form's 3 and 2 (`EXTRA_CHECKS`).
+STAND_INS = {"lmcl_bank": TINY_NET_4_STAGES}
+
+
 def step_config(name: str):
     spec, overrides, _ = CASES[name]
     cfg = load_config(spec)
@@ -123,10 +129,8 @@ def step_config(name: str):
         cfg.method, cfg.loss = "supervised", methods.loss_defaults("supervised")
         cfg.teacher.init = ""
     # The method's math is under test here, not the network: every student and the ResNet
-    # teachers are a tiny ResNet (`helpers.TINY_NET`, 3 stages), but L-MCL's ImageNet form's is
-    # a 4-stage one (`helpers.TINY_NET_4_STAGES`), as its recipe's ResNet-34: 4 heads and 3
-    # auxiliary branches per network, against the CIFAR form's 3 and 2.
-    tiny_nets(cfg, tiny=TINY_NET_4_STAGES if name == "lmcl_bank" else TINY_NET)
+    # teachers are a tiny ResNet (`STAND_INS`).
+    tiny_nets(cfg, tiny=STAND_INS.get(name, TINY_NET))
     if cfg.get("student", {}).get("init"):
         cfg.student.init = ""  # ssld's finetune-from path: a fresh student here
     for key in ("jitter_p", "gray_p", "blur_p", "solarize_p"):

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from disco_jax.data._tf import tf  # TF on first use (GPUs hidden): see _tf.py
-from disco_jax.data.sources import DataSource, shard_bounds
+from disco_jax.data.sources import DataSource, check_bool, shard_bounds
 from disco_jax.errors import ConfigError
 
 # Resize-256 / center-crop-224: the eval short side is image_size / 0.875.
@@ -235,21 +235,15 @@ def validate(data_cfg, augment_cfg=None) -> None:
     if not isinstance(padding, (int, np.integer)) or padding < 0:
         raise ConfigError(f"data.crop_padding must be an integer >= 0, got {padding!r}")
     _check_fused(data_cfg.get("fused_decode", False), train_crop)
-    _check_bool("data.antialias", data_cfg.get("antialias", True))
-    _check_bool("data.autotune", data_cfg.get("autotune", True))
+    check_bool("data.antialias", data_cfg.get("antialias", True))
     augment.check_stats(data_cfg.get("mean", augment.IMAGENET_MEAN),
                         data_cfg.get("std", augment.IMAGENET_STD))
     if augment_cfg is not None:
         augment.validate(augment_cfg)
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-
-
 def _check_fused(fused: Any, train_crop: str) -> None:
-    _check_bool("data.fused_decode", fused)
+    check_bool("data.fused_decode", fused)
     if fused and train_crop != "random_resized":
         raise ConfigError("data.fused_decode decodes random-resized crops only; it cannot be"
                           f" combined with data.train_crop={train_crop!r}")
@@ -325,7 +319,7 @@ def train_dataset(
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale!r}")
     _check_fused(fused_decode, train_crop)
-    _check_bool("data.antialias", antialias)
+    check_bool("data.antialias", antialias)
     if start_step < 0:
         raise ConfigError(f"start_step must be >= 0, got {start_step}")
     if small_crops:

@@ -127,6 +127,11 @@ def _deterministic_options() -> tf.data.Options:
     return options
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     # Works for dicts and ml_collections.ConfigDict alike.
     try:
@@ -349,6 +354,8 @@ def get_source(cfg: Any) -> DataSource:
     bad_images = _cfg_get(cfg, "bad_images", "error")
     if bad_images not in ("error", "skip"):  # checked for every source: a typo fails anywhere
         raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
+    autotune = _cfg_get(cfg, "autotune", True)
+    check_bool("data.autotune", autotune)  # the same (evaluators' data configs come here too)
     if name.startswith(FOLDER_PREFIX):
         source = _folder_source(name, bad_images)
     else:
@@ -365,9 +372,6 @@ def get_source(cfg: Any) -> DataSource:
     extra = _cfg_get(cfg, "extra", ())
     if extra:
         source = with_extra(source, _cfg_get(cfg, "train_split", "train"), extra, data_dir)
-    autotune = _cfg_get(cfg, "autotune", True)
-    if not isinstance(autotune, (bool, np.bool_)):
-        raise ConfigError(f"data.autotune must be true or false, got {autotune!r}")
     return dataclasses.replace(source, autotune=bool(autotune))
 
 
