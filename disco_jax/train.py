@@ -340,11 +340,11 @@ def train_stream(source: Any, config: Any, method: Any, start_step: int) -> Any:
     ]
     if per_process == 1:
         return streams[0]
-    from disco_jax.data._tf import tf  # GPUs hidden from TF
+    from disco_jax.data._tf import no_autograph, tf  # GPUs hidden from TF
 
-    return tf.data.Dataset.zip(tuple(streams)).map(
+    return tf.data.Dataset.zip(tuple(streams)).map(no_autograph(
         lambda *xs: {k: tf.concat([x[k] for x in xs], 0) for k in xs[0]}
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import subprocess
 import sys
@@ -136,6 +137,34 @@ def test_autotune_option_reaches_every_pipeline_and_changes_no_example(data_dir,
     env = types.SimpleNamespace(data=smoke.data)
     for entry in ({}, {"data": {"name": "digits"}}):
         assert common.data_config(mlc.ConfigDict(entry), env)["autotune"] is False
+
+
+def test_input_functions_are_traced_as_written_not_by_autograph(digits):
+    """tf.data runs AutoGraph on a transformation's function unless told not to: seconds of AST
+    rewriting per process. Ours are traced as written (`_tf.no_autograph`). A decode with a
+    Python `if` on a tensor tells which: AutoGraph rewrites it into a tf.cond, while traced as
+    written it cannot be built, through the source, the train pipeline or the eval pipeline."""
+    from disco_jax.data._tf import tf
+
+    def decode(image):
+        image = digits.decode(image)
+        if tf.reduce_max(image) > 0:  # a tensor as a Python bool: only AutoGraph can trace it
+            return image
+        return tf.zeros_like(image)
+
+    encoded = digits.dataset("train", decode=False)
+    encoded.map(lambda ex: decode(ex["image"]))  # tf.data's default: AutoGraph rewrites it
+    source = dataclasses.replace(digits, _decode=decode)
+    builds = {
+        "source": lambda: source.dataset("train"),
+        "train": lambda: train_dataset(source, split="train", views=1, image_size=8,
+                                       local_batch=4, seed=0),
+        "eval": lambda: eval_dataset(source, split="test", image_size=8, local_batch=4),
+    }
+    for name, build in builds.items():
+        with pytest.raises(tf.errors.OperatorNotAllowedInGraphError, match="AutoGraph"):
+            build()
+            pytest.fail(f"{name}: built, so AutoGraph rewrote the decode")
 
 
 @pytest.mark.slow

@@ -422,7 +422,7 @@ def floor_dataset(source, case: str, batch: int, image_size: int, threads: int,
                   antialias: bool = True):
     """The bare tf.data stream of `case` (floor_2view, fused_2view, fused_1view, floor_1view)
     over the source's encoded records: decode (+ crop) + resize + flip, batched."""
-    from disco_jax.data._tf import tf
+    from disco_jax.data._tf import no_autograph, tf
 
     views, fused = CASES[case]["views"], case.startswith("fused")
 
@@ -453,7 +453,7 @@ def floor_dataset(source, case: str, batch: int, image_size: int, threads: int,
         return {"view1": out[0], "view2": out[1], "label": ex["label"]}
 
     ds = source.dataset(SPLIT, decode=False).repeat()
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.map(no_autograph(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_tf_options(threads))
 

@@ -51,6 +51,19 @@ def import_tfds() -> Any:
     return tfds
 
 
+def no_autograph(fn: Any) -> Any:
+    """`fn` for a tf.data transformation (`map`, `flat_map`, `filter`), traced as written.
+
+    tf.data runs AutoGraph on every such function by default: an AST rewrite of the function and
+    of each function it calls, once per process. Measured on 2 cores, a fresh process building
+    digits' two-view train pipeline and its eval pipeline: 1.9-3.0 s with it, 1.0-1.3 s
+    without. Our input functions branch with `tf.cond`/`tf.where` and loop in Python over
+    static values only, so the rewrite changes nothing they compute; a Python `if` on a tensor
+    now fails at trace time instead of being rewritten. Functions traced while `fn` runs (a
+    map built inside a `flat_map`'s function, `tf.map_fn`) are not rewritten either."""
+    return import_tf().autograph.experimental.do_not_convert(fn)
+
+
 class _LazyTF(types.ModuleType):
     """Forwards every attribute to the real `tensorflow`, imported on first use."""
 

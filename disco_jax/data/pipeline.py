@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from disco_jax.data._tf import tf  # TF on first use (GPUs hidden): see _tf.py
+from disco_jax.data._tf import no_autograph, tf  # TF on first use (GPUs hidden): see _tf.py
 from disco_jax.data.sources import DataSource, check_bool, shard_bounds
 from disco_jax.errors import ConfigError
 
@@ -344,7 +344,7 @@ def train_dataset(
     base = source.dataset(split, process_index, process_count, drop_remainder=True, decode=False)
     if with_index or per_class:
         offset = shard_bounds(source.num_examples(split), process_index, process_count, True)[0]
-        base = base.enumerate().map(lambda i, ex: {**ex, "index": i + offset})
+        base = base.enumerate().map(no_autograph(lambda i, ex: {**ex, "index": i + offset}))
     buffer = min(shard, shuffle_buffer)  # small data: a full shuffle of the shard
     root = _root_key(seed)
 
@@ -355,7 +355,7 @@ def train_dataset(
         ds = base.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
         ds = ds.take(per_epoch).enumerate()
         ds = ds.skip(tf.where(e == start_epoch, tf.constant(skip, tf.int64), 0))
-        return ds.map(lambda pos, ex: (_fold_in(epoch_key, pos), ex))
+        return ds.map(no_autograph(lambda pos, ex: (_fold_in(epoch_key, pos), ex)))
 
     def crops(view: Callable[[tf.Tensor, int, tuple[float, float]], tf.Tensor],
               key: tf.Tensor, image: tf.Tensor | None = None) -> dict:
@@ -398,10 +398,11 @@ def train_dataset(
         return out
 
     # Epoch numbers up to 2**62: practically infinite, and start_epoch is skipped arithmetically.
-    ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(epoch)
+    ds = tf.data.Dataset.range(start_epoch, 1 << 62).flat_map(no_autograph(epoch))
     if per_class:
         ds = _class_balanced_stream(base, shard, local_batch, per_class, root, start_step)
-    ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(no_autograph(decode_and_crop), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(source))
 
@@ -464,7 +465,7 @@ def _class_balanced_stream(
         examples = {k: tf.gather(v, ids) for k, v in data.items()}
         return tf.data.Dataset.from_tensor_slices((keys, examples))
 
-    return tf.data.Dataset.range(start_step, 1 << 62).flat_map(step)
+    return tf.data.Dataset.range(start_step, 1 << 62).flat_map(no_autograph(step))
 
 
 def eval_batches(
@@ -506,7 +507,7 @@ def eval_dataset(
         }
 
     ds = source.dataset(split, process_index, process_count, drop_remainder=False, decode=False)
-    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(no_autograph(prepare), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     padding = tf.data.Dataset.from_tensors(
         {
             "image": tf.zeros([image_size, image_size, 3], tf.uint8),

@@ -22,7 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from disco_jax.data._tf import import_tfds, tf  # TF on first use (GPUs hidden): see _tf.py
+from disco_jax.data._tf import (  # TF on first use (GPUs hidden): see _tf.py
+    import_tfds,
+    no_autograph,
+    tf,
+)
 from disco_jax.errors import ConfigError, unknown_name
 
 FOLDER_PREFIX = "folder:"
@@ -114,7 +118,7 @@ class DataSource:
         ds = self._read(split, start, end, decode)
         if decode:
             ds = ds.map(
-                lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]},
+                no_autograph(lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]}),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
@@ -205,9 +209,9 @@ def _tfds_source(name: str, data_dir: str | None) -> DataSource:
         )
         if end <= start:  # TFDS rejects empty slices; keep the element spec, yield nothing.
             ds = ds.take(0)
-        return ds.map(
+        return ds.map(no_autograph(
             lambda ex: {"image": ex[image_key], "label": tf.cast(ex[label_key], tf.int64)}
-        )
+        ))
 
     def decode(image: tf.Tensor) -> tf.Tensor:
         return image_feature.decode_example(image)
@@ -320,7 +324,8 @@ def _folder_source(spec: str, bad_images: str = "error") -> DataSource:
         ds = tf.data.Dataset.from_tensor_slices(
             {"image": paths[start:end], "label": labels[start:end]}
         ).with_options(_deterministic_options())
-        return ds.map(lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]})
+        return ds.map(no_autograph(
+            lambda ex: {"image": tf.io.read_file(ex["image"]), "label": ex["label"]}))
 
     def decode(image: tf.Tensor) -> tf.Tensor:
         # A folder may mix grayscale, RGB and RGBA files; one channel count keeps shapes static.
@@ -427,13 +432,15 @@ class MixedSource(DataSource):
             hi = lo + int(np.count_nonzero(choice == j))
             ds = src._read(part_split, lo, hi, False)
             if j:
-                ds = ds.map(lambda ex: {"image": ex["image"], "label": tf.constant(-1, tf.int64)})
+                ds = ds.map(no_autograph(
+                    lambda ex: {"image": ex["image"], "label": tf.constant(-1, tf.int64)}))
             streams.append(ds)
         ds = tf.data.Dataset.choose_from_datasets(
             streams, tf.data.Dataset.from_tensor_slices(choice), stop_on_empty_dataset=False
         ).with_options(_deterministic_options())
         if decode:
-            ds = ds.map(lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]},
+            ds = ds.map(no_autograph(
+                lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]}),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds
 
@@ -502,7 +509,8 @@ def subset(source: DataSource, split: str, ids: np.ndarray, new_split: str) -> D
         if s != new_split:
             return source._read(s, start, end, decode)
         ds = source._read(split, 0, source.num_examples(split), decode)
-        ds = ds.enumerate().filter(lambda i, ex: tf.gather(keep_t, i)).map(lambda i, ex: ex)
+        ds = ds.enumerate().filter(no_autograph(lambda i, ex: tf.gather(keep_t, i)))
+        ds = ds.map(no_autograph(lambda i, ex: ex))
         return ds.skip(start).take(end - start)
 
     return dataclasses.replace(source, splits={**source.splits, new_split: len(ids)},
