@@ -145,6 +145,8 @@ def test_no_antialias_reaches_every_stream_and_the_record(tmp_path, monkeypatch)
     parsed = host.parse_args(["--out", "x", "--no-antialias"])
     assert host.options(parsed)["antialias"] is False
     assert host.options(host.parse_args(["--out", "x"]))["antialias"] is True
+    with pytest.raises(ConfigError, match="^antialias must be true or false, got 'no'$"):
+        host.options(argparse.Namespace(**{**TINY, "antialias": "no"}))
 
 
 @pytest.mark.parametrize("name, value, flag", [

@@ -174,10 +174,11 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     opts["host_cases"] = [c for c in CASES if c in wanted]
     opts["aug_dtype"] = _dtype_name(
         getattr(args, "aug_dtype", None) or getattr(args, "dtype", None) or "float32")
+    from disco_jax.data.sources import check_bool
+
     antialias = _get(args, "antialias")
-    if not isinstance(antialias, bool):
-        raise ConfigError(f"antialias must be true or false, got {antialias!r}")
-    opts["antialias"] = antialias
+    check_bool("antialias", antialias)
+    opts["antialias"] = bool(antialias)
     data_dir = _get(args, "host_data_dir")
     opts["host_data_dir"] = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None
     return opts
