@@ -74,6 +74,9 @@ def test_unknown_field_suggestion_comes_from_the_flattened_config():
     # A validation error of the trainer (ConfigError), raised before anything compiles.
     ((f"--config={RECIPE}", "--workdir={w}", "--config.queue_size=60"),
      "queue size 60 must be a positive multiple"),
+    # An official recipe where its data is not prepared: how to prepare it.
+    (("--config=configs/seed_mbv3.py", "--workdir={w}"),
+     "/downloads/manual/ and run `tfds build imagenet2012 --data_dir "),
 ])
 def test_main_bad_input_exits_2(tmp_path, data_dir, args, message):
     args = [a.format(w=tmp_path / "w") for a in args]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from disco_jax import train
 from disco_jax.errors import ConfigError
-from tests.helpers import ROOT, load_config, override
+from tests.helpers import load_config, override
 
 
 @pytest.fixture
@@ -88,26 +86,9 @@ def test_failed_validation_leaves_an_existing_workdir_untouched(cfg, tmp_path):
     assert sorted(os.listdir(workdir)) == ["config.json"]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "disco_jax.main", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_cli_official_seed_recipe_without_imagenet_says_how_to_prepare(tmp_path):
-    empty = tmp_path / "tfds"
-    empty.mkdir()
-    proc = _cli("--config=configs/seed_mbv3.py", f"--workdir={tmp_path / 'w'}",
-                f"--config.data.data_dir={empty}")
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "imagenet2012" in last and "manual" in last
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "w").exists()
-
-
-# Unknown fields, malformed values and bad config files or variants on the command line:
-# tests/test_cli.py (`test_main_bad_input_exits_2`, `test_unknown_field_names_it_and_the_...`).
+# Unknown fields, malformed values, bad config files or variants, and an official recipe without
+# its ImageNet on the command line: tests/test_cli.py (`test_main_bad_input_exits_2`,
+# `test_unknown_field_names_it_and_the_...`).
 
 
 # ------------------------------------------------------------------ teachers, workdirs, data
