@@ -116,13 +116,15 @@ class DataSource:
             self.num_examples(split), process_index, process_count, drop_remainder
         )
         ds = self._read(split, start, end, decode)
-        if decode:
-            ds = ds.map(
-                no_autograph(lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]}),
-                num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True,
-            )
-        return ds
+        return self._decoded(ds) if decode else ds
+
+    def _decoded(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """Encoded examples -> decoded ones, in order."""
+        return ds.map(
+            no_autograph(lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]}),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
 
 
 def _deterministic_options() -> tf.data.Options:
@@ -360,7 +362,7 @@ def get_source(cfg: Any) -> DataSource:
     if bad_images not in ("error", "skip"):  # checked for every source: a typo fails anywhere
         raise ConfigError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
     autotune = _cfg_get(cfg, "autotune", True)
-    check_bool("data.autotune", autotune)  # the same (evaluators' data configs come here too)
+    check_bool("data.autotune", autotune)  # every source, the evaluators' data configs too
     if name.startswith(FOLDER_PREFIX):
         source = _folder_source(name, bad_images)
     else:
@@ -438,11 +440,7 @@ class MixedSource(DataSource):
         ds = tf.data.Dataset.choose_from_datasets(
             streams, tf.data.Dataset.from_tensor_slices(choice), stop_on_empty_dataset=False
         ).with_options(_deterministic_options())
-        if decode:
-            ds = ds.map(no_autograph(
-                lambda ex: {"image": self._decode(ex["image"]), "label": ex["label"]}),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds
+        return self._decoded(ds) if decode else ds
 
 
 def with_extra(base: DataSource, split: str, extra: Any, data_dir: str | None) -> DataSource:
